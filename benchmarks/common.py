@@ -74,8 +74,10 @@ def llava7b_random(layers: int | None = None, device: str = "cuda", dtype: torch
     return HFBackend.from_loaded(model, processor, name)
 
 
-def write_json(name: str, payload: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_json(name: str, payload: dict[str, Any], path: Path | None = None) -> Path:
+    """Write `payload` with the machine, versions and commit; to benchmarks/results/NAME.json
+    unless `path` is given. Written whole each time, through a temporary file, so a reader never
+    sees half a file."""
     payload = {
         "benchmark": name,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -84,6 +86,9 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
         "git": git_commit(),
         **payload,
     }
-    path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    path = path or RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
     return path

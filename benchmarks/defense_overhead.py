@@ -93,14 +93,20 @@ def time_defense(d: Defense, backend: Backend, samples: list[Sample], batch: int
     return (time.perf_counter() - start) / len(samples), calls / len(samples), extra_tokens / len(samples)
 
 
-def run(backend: Backend, batches: list[int], n: int, new_tokens: int, caption_tokens: int,
-        repeats: int, image_size: int) -> list[dict[str, Any]]:
+def run(backend: Backend, batches: list[int], n_for: Callable[[int], int], new_tokens: int, caption_tokens: int,
+        repeats: int, image_size: int, on_rows: Callable[[list[dict[str, Any]]], None] = lambda rows: None
+        ) -> list[dict[str, Any]]:
+    """Time every defense per (batch size, input kind); `on_rows` sees the rows so far after each
+    group, so a run cut short still leaves what it measured."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     params = GenerationParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     defs = build_defenses(backend, caption_tokens)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for batch, kind in itertools.product(batches, ("benign", "harmful")):
+        n = n_for(batch)
         samples = bench_samples(n, image_size, kind)
+        print(f"[{time.strftime('%H:%M:%S')}] batch {batch}, {kind}: {n} samples x {len(defs)} defenses x {repeats}",
+              flush=True)
         for d in defs.values():  # warm-up
             d.generate(backend, samples[:batch], GenerationParams(max_new_tokens=2, min_new_tokens=2))
         times: dict[str, list[float]] = {k: [] for k in defs}
@@ -116,20 +122,21 @@ def run(backend: Backend, batches: list[int], n: int, new_tokens: int, caption_t
         for name in defs:
             med = statistics.median(times[name])
             rows.append({
-                "defense": name, "spec": defs[name].spec, "batch_size": batch, "inputs": kind,
+                "defense": name, "spec": defs[name].spec, "batch_size": batch, "inputs": kind, "samples": n,
                 "seconds_per_sample": round(med, 5), "ratio_to_none": round(med / base, 3),
                 "model_calls_per_sample": calls[name], "caption_tokens_per_sample": captions[name],
                 "target_ratio": TARGETS.get((name, kind)),
                 "all_seconds_per_sample": [round(t, 5) for t in times[name]],
             })
+        on_rows(rows)
     return rows
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"{'defense':<14} {'inputs':<8} {'batch':>5} {'s/sample':>10} {'x none':>7} {'target':>7} {'calls':>6} {'caption tok':>11}")
+    print(f"{'defense':<14} {'inputs':<8} {'batch':>5} {'n':>3} {'s/sample':>10} {'x none':>7} {'target':>7} {'calls':>6} {'caption tok':>11}")
     for r in rows:
         target = f"<={r['target_ratio']}" if r["target_ratio"] else ""
-        print(f"{r['defense']:<14} {r['inputs']:<8} {r['batch_size']:>5} {r['seconds_per_sample']:>10.4f} {r['ratio_to_none']:>7.2f} "
+        print(f"{r['defense']:<14} {r['inputs']:<8} {r['batch_size']:>5} {r['samples']:>3} {r['seconds_per_sample']:>10.4f} {r['ratio_to_none']:>7.2f} "
               f"{target:>7} {r['model_calls_per_sample']:>6.1f} {r['caption_tokens_per_sample']:>11.1f}")
 
 
@@ -139,31 +146,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=None, help="(--gpu) fewer decoder layers, for a smoke test")
     p.add_argument("--device", default=None, help="override the device of the --gpu model (e.g. cpu for a smoke test)")
     p.add_argument("--batch-sizes", default=None, help="comma list (default: 8 on CPU; 1,8,32 on GPU)")
-    p.add_argument("--samples", type=int, default=None, help="samples per measurement (default 16 CPU, 32 GPU)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="samples per measurement (default 16 on CPU; on GPU 2 batches' worth, at least 4, at most 32)")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--caption-tokens", type=int, default=128, help="ShiftDC caption_max_new_tokens (its default, 128)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--name", default="defense_overhead", help="JSON file name under benchmarks/results/")
+    p.add_argument("--json", type=Path, default=None, help="write the JSON here instead (e.g. another machine's output folder)")
     args = p.parse_args(argv)
     if args.gpu:
         device = args.device or "cuda"
         backend = llava7b_random(args.layers, device, torch.bfloat16 if device.startswith("cuda") else torch.float32)
         batches = [int(b) for b in (args.batch_sizes or "1,8,32").split(",")]
-        n, image_size, setup = args.samples or 32, 336, "LLaVA-1.5-7B architecture, random weights, bf16"
+        image_size, setup = 336, "LLaVA-1.5-7B architecture, random weights, bf16"
+        n_for = (lambda b: args.samples) if args.samples else (lambda b: max(4, min(2 * b, 32)))
     else:
         torch.manual_seed(0)
         backend = cpu_llava()
         batches = [int(b) for b in (args.batch_sizes or "8").split(",")]
-        n, image_size, setup = args.samples or 16, 224, "LLaVA-style, text hidden 512 x 8 layers, CLIP 28px (16 image tokens), float32"
-    rows = run(backend, batches, n, args.new_tokens, args.caption_tokens, args.repeats, image_size)
-    print(f"{setup}; {n} samples, {args.new_tokens} new tokens, ShiftDC caption {args.caption_tokens} tokens, "
+        image_size, setup = 224, "LLaVA-style, text hidden 512 x 8 layers, CLIP 28px (16 image tokens), float32"
+        n_for = lambda b: args.samples or 16  # noqa: E731
+    header = {"setup": setup, "model": backend.spec, "new_tokens": args.new_tokens,
+              "caption_tokens": args.caption_tokens, "repeats": args.repeats, "batch_sizes": batches}
+
+    def save(rows: list[dict[str, Any]]) -> Path:
+        return write_json(args.name, {**header, "rows": rows}, path=args.json)
+
+    rows = run(backend, batches, n_for, args.new_tokens, args.caption_tokens, args.repeats, image_size, save)
+    print(f"{setup}; {args.new_tokens} new tokens, ShiftDC/ECSO caption cap {args.caption_tokens} tokens, "
           f"median of {args.repeats}")
     print_table(rows)
-    path = write_json(args.name, {
-        "setup": setup, "model": backend.spec, "samples": n, "new_tokens": args.new_tokens,
-        "caption_tokens": args.caption_tokens, "repeats": args.repeats, "rows": rows,
-    })
-    print(f"wrote {path}")
+    print(f"wrote {save(rows)}")
     return 0
 
 
