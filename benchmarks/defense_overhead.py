@@ -81,17 +81,20 @@ def build_defenses(backend: Backend, caption_tokens: int) -> dict[str, Defense]:
 
 
 def time_defense(d: Defense, backend: Backend, samples: list[Sample], batch: int, params: GenerationParams,
-                 sync: Callable[[], None]) -> tuple[float, float, float]:
-    """(seconds, model calls, caption tokens) per sample over all samples in batches."""
+                 sync: Callable[[], None]) -> tuple[float, dict[str, float]]:
+    """Seconds per sample over all samples in batches, and per-sample counts from the generations:
+    model calls, caption tokens, and the prompt/completion tokens the defense reports."""
     sync()
     start = time.perf_counter()
-    calls = extra_tokens = 0
+    counts = {"model_calls": 0.0, "caption_tokens": 0.0, "prompt_tokens": 0.0, "completion_tokens": 0.0}
     for i in range(0, len(samples), batch):
-        gens = d.generate(backend, samples[i : i + batch], params)
-        calls += sum(g.trace.get("model_calls", 1) for g in gens)
-        extra_tokens += sum(g.trace.get("caption_tokens", 0) for g in gens)
+        for g in d.generate(backend, samples[i : i + batch], params):
+            counts["model_calls"] += g.trace.get("model_calls", 1)
+            counts["caption_tokens"] += g.trace.get("caption_tokens", 0)
+            counts["prompt_tokens"] += g.tokens.get("prompt", 0)
+            counts["completion_tokens"] += g.tokens.get("completion", 0)
     sync()
-    return (time.perf_counter() - start) / len(samples), calls / len(samples), extra_tokens / len(samples)
+    return (time.perf_counter() - start) / len(samples), {k: v / len(samples) for k, v in counts.items()}
 
 
 def run(backend: Backend, batches: list[int], n_for: Callable[[int], int], new_tokens: int, caption_tokens: int,
@@ -112,21 +115,19 @@ def run(backend: Backend, batches: list[int], n_for: Callable[[int], int], new_t
             with ecso_verdict(unsafe=kind == "harmful"):
                 d.generate(backend, samples[:batch], params)
         times: dict[str, list[float]] = {k: [] for k in defs}
-        calls: dict[str, float] = {}
-        captions: dict[str, float] = {}
+        counts: dict[str, dict[str, float]] = {}
         for _ in range(repeats):
             for name, d in defs.items():
                 with ecso_verdict(unsafe=kind == "harmful"):
-                    t, c, cap = time_defense(d, backend, samples, batch, params, sync)
+                    t, counts[name] = time_defense(d, backend, samples, batch, params, sync)
                 times[name].append(t)
-                calls[name], captions[name] = c, cap
         base = statistics.median(times["none"])
         for name in defs:
             med = statistics.median(times[name])
             rows.append({
                 "defense": name, "spec": defs[name].spec, "batch_size": batch, "inputs": kind, "samples": n,
                 "seconds_per_sample": round(med, 5), "ratio_to_none": round(med / base, 3),
-                "model_calls_per_sample": calls[name], "caption_tokens_per_sample": captions[name],
+                **{f"{k}_per_sample": round(v, 2) for k, v in counts[name].items()},
                 "target_ratio": TARGETS.get((name, kind)),
                 "all_seconds_per_sample": [round(t, 5) for t in times[name]],
             })
@@ -135,11 +136,12 @@ def run(backend: Backend, batches: list[int], n_for: Callable[[int], int], new_t
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"{'defense':<14} {'inputs':<8} {'batch':>5} {'n':>3} {'s/sample':>10} {'x none':>7} {'target':>7} {'calls':>6} {'caption tok':>11}")
+    print(f"{'defense':<14} {'inputs':<8} {'batch':>5} {'n':>3} {'s/sample':>10} {'x none':>7} {'target':>7} {'calls':>6} {'caption tok':>11} {'prompt tok':>10}")
     for r in rows:
         target = f"<={r['target_ratio']}" if r["target_ratio"] else ""
         print(f"{r['defense']:<14} {r['inputs']:<8} {r['batch_size']:>5} {r['samples']:>3} {r['seconds_per_sample']:>10.4f} {r['ratio_to_none']:>7.2f} "
-              f"{target:>7} {r['model_calls_per_sample']:>6.1f} {r['caption_tokens_per_sample']:>11.1f}")
+              f"{target:>7} {r['model_calls_per_sample']:>6.1f} {r['caption_tokens_per_sample']:>11.1f} "
+              f"{r.get('prompt_tokens_per_sample', float('nan')):>10.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,13 +162,13 @@ def main(argv: list[str] | None = None) -> int:
         device = args.device or "cuda"
         backend = llava7b_random(args.layers, device, torch.bfloat16 if device.startswith("cuda") else torch.float32)
         batches = [int(b) for b in (args.batch_sizes or "1,8,32").split(",")]
-        image_size, setup = 336, "LLaVA-1.5-7B architecture, random weights, bf16"
+        image_size, setup = 336, "LLaVA-1.5-7B architecture, random weights, bf16, 32k English BPE tokenizer"
         n_for = (lambda b: args.samples) if args.samples else (lambda b: max(4, min(2 * b, 32)))
     else:
         torch.manual_seed(0)
         backend = cpu_llava()
         batches = [int(b) for b in (args.batch_sizes or "8").split(",")]
-        image_size, setup = 224, "LLaVA-style, text hidden 512 x 8 layers, CLIP 28px (16 image tokens), float32"
+        image_size, setup = 224, "LLaVA-style, text hidden 512 x 8 layers, CLIP 28px (16 image tokens), float32, 8k English BPE tokenizer"
         n_for = lambda b: args.samples or 16  # noqa: E731
     header = {"setup": setup, "model": backend.spec, "new_tokens": args.new_tokens,
               "caption_tokens": args.caption_tokens, "repeats": args.repeats, "batch_sizes": batches}

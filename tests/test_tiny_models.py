@@ -87,3 +87,21 @@ def test_fresh_process_loads_qwen_folder_through_the_backend(tiny_model_path) ->
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report == {"tiny_imported": False, "processor": "Qwen2VLProcessorNoVideo", "has_images": True}
+
+
+def test_tokenizer_from_a_corpus_sets_vocabulary_and_embedding(tmp_path: Path) -> None:
+    """Speed benchmarks train the tokenizer on English text so a defense prompt costs about as many
+    tokens as with a real tokenizer; the model's vocabulary must follow the tokenizer."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from benchmarks.common import english_corpus
+    from harness.defenses.prompts import ADASHIELD_STATIC
+
+    folder = build_tiny_vlm("llava", tmp_path / "m", tokenizer={"corpus": english_corpus(), "vocab_size": 4000})
+    processor = AutoProcessor.from_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert len(processor.tokenizer) == 4000 == config["text_config"]["vocab_size"]
+    default = AutoProcessor.from_pretrained(build_tiny_vlm("llava", tmp_path / "d")).tokenizer
+    words = len(ADASHIELD_STATIC.split())
+    english = len(processor.tokenizer(ADASHIELD_STATIC)["input_ids"])
+    assert english < 2 * words < len(default(ADASHIELD_STATIC)["input_ids"])
+    assert processor.tokenizer.decode(processor.tokenizer(ADASHIELD_STATIC)["input_ids"], skip_special_tokens=True) == ADASHIELD_STATIC

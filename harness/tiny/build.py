@@ -68,19 +68,21 @@ VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_att
 IMAGE_PX, PATCH = 28, 7
 
 
-def build_tiny_vlm(arch: str, out_dir: str | Path, seed: int = 0, text: dict[str, int] | None = None) -> Path:
+def build_tiny_vlm(arch: str, out_dir: str | Path, seed: int = 0, text: dict[str, int] | None = None,
+                   tokenizer: dict[str, Any] | None = None) -> Path:
     """Write a tiny random VLM of `arch` (one of TINY_ARCHS) to `out_dir` and return the folder.
 
     The folder loads with `AutoModelForImageTextToText.from_pretrained` and (for Qwen2-VL see
     the module docstring) `AutoProcessor.from_pretrained`. `text` overrides the language model's
     sizes (e.g. `{"hidden_size": 512, "num_hidden_layers": 8}` for speed benchmarks where model
-    compute must dominate).
+    compute must dominate). `tokenizer` holds keyword arguments for `train_tokenizer` (`corpus`,
+    `vocab_size`): the vocabulary, and so the embedding size, follows the tokenizer.
     """
     if arch not in _BUILDERS:
         raise ValueError(f"unknown tiny architecture {arch!r}; valid: {', '.join(TINY_ARCHS)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model, processor = _BUILDERS[arch](seed, dict(TEXT, **(text or {})))
+    model, processor = _BUILDERS[arch](seed, dict(TEXT, **(text or {})), tokenizer or {})
     tok = processor.tokenizer
     model.generation_config = GenerationConfig(
         bos_token_id=tok.convert_tokens_to_ids(BOS),
@@ -126,10 +128,10 @@ def _quiet() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _llava(seed: int, text: dict[str, int]) -> tuple[Any, Any]:
+def _llava(seed: int, text: dict[str, int], tok_args: dict[str, Any]) -> tuple[Any, Any]:
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
-    tok = train_tokenizer(["<image>"], {"image_token": "<image>"})
+    tok = train_tokenizer(["<image>"], {"image_token": "<image>"}, **tok_args)
     config = LlavaConfig(
         text_config=dict(_text_config(tok, text), model_type="llama"),
         vision_config=dict(
@@ -153,11 +155,11 @@ def _llava(seed: int, text: dict[str, int]) -> tuple[Any, Any]:
     return _init(LlavaForConditionalGeneration, config, seed), processor
 
 
-def _qwen2_vl(seed: int, text: dict[str, int]) -> tuple[Any, Any]:
+def _qwen2_vl(seed: int, text: dict[str, int], tok_args: dict[str, Any]) -> tuple[Any, Any]:
     from transformers import Qwen2VLImageProcessorPil
 
     specials = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-    tok = train_tokenizer(specials, {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+    tok = train_tokenizer(specials, {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}, **tok_args)
     ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
     head_dim = text["hidden_size"] // text["num_attention_heads"]
     # mrope_section splits head_dim/2 rotary frequencies over (time, height, width).
@@ -187,12 +189,12 @@ def _qwen2_vl(seed: int, text: dict[str, int]) -> tuple[Any, Any]:
     return _init(Qwen2VLForConditionalGeneration, config, seed), processor
 
 
-def _idefics3(seed: int, text: dict[str, int]) -> tuple[Any, Any]:
+def _idefics3(seed: int, text: dict[str, int], tok_args: dict[str, Any]) -> tuple[Any, Any]:
     from transformers import Idefics3ImageProcessorPil, Idefics3Processor
 
     grid = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
     specials = ["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>", *grid]
-    tok = train_tokenizer(specials, {"image_token": "<image>"})
+    tok = train_tokenizer(specials, {"image_token": "<image>"}, **tok_args)
     scale = 2
     config = Idefics3Config(
         text_config=dict(_text_config(tok, text), model_type="llama"),
@@ -225,7 +227,7 @@ def register_processors() -> None:
 
 register_processors()
 
-_BUILDERS: dict[str, Callable[[int, dict[str, int]], tuple[Any, Any]]] = {
+_BUILDERS: dict[str, Callable[[int, dict[str, int], dict[str, Any]], tuple[Any, Any]]] = {
     "llava": _llava,
     "qwen2_vl": _qwen2_vl,
     "idefics3": _idefics3,
