@@ -98,13 +98,18 @@ def time_defense(d: Defense, backend: Backend, samples: list[Sample], batch: int
 
 
 def run(backend: Backend, batches: list[int], n_for: Callable[[int], int], new_tokens: int, caption_tokens: int,
-        repeats: int, image_size: int, on_rows: Callable[[list[dict[str, Any]]], None] = lambda rows: None
-        ) -> list[dict[str, Any]]:
+        repeats: int, image_size: int, on_rows: Callable[[list[dict[str, Any]]], None] = lambda rows: None,
+        only: set[str] | None = None) -> list[dict[str, Any]]:
     """Time every defense per (batch size, input kind); `on_rows` sees the rows so far after each
     group, so a run cut short still leaves what it measured."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     params = GenerationParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     defs = build_defenses(backend, caption_tokens)
+    if only is not None:
+        unknown = only - set(defs)
+        if unknown:
+            raise SystemExit(f"--only: unknown rows {sorted(unknown)}; valid: {', '.join(defs)}")
+        defs = {k: d for k, d in defs.items() if k in only}
     rows: list[dict[str, Any]] = []
     for batch, kind in itertools.product(batches, ("benign", "harmful")):
         n = n_for(batch)
@@ -155,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--caption-tokens", type=int, default=128, help="ShiftDC caption_max_new_tokens (its default, 128)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--only", default=None,
+                   help="comma list of rows to time (e.g. 'none,shiftdc'); `none` is always kept as the baseline")
     p.add_argument("--name", default="defense_overhead", help="JSON file name under benchmarks/results/")
     p.add_argument("--json", type=Path, default=None, help="write the JSON here instead (e.g. another machine's output folder)")
     args = p.parse_args(argv)
@@ -176,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     def save(rows: list[dict[str, Any]]) -> Path:
         return write_json(args.name, {**header, "rows": rows}, path=args.json)
 
-    rows = run(backend, batches, n_for, args.new_tokens, args.caption_tokens, args.repeats, image_size, save)
+    only = None if args.only is None else {"none", *(x.strip() for x in args.only.split(","))}
+    rows = run(backend, batches, n_for, args.new_tokens, args.caption_tokens, args.repeats, image_size, save, only)
     print(f"{setup}; {args.new_tokens} new tokens, ShiftDC/ECSO caption cap {args.caption_tokens} tokens, "
           f"median of {args.repeats}")
     print_table(rows)

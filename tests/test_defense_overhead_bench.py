@@ -1,0 +1,43 @@
+"""The defense-overhead benchmark's bookkeeping on a tiny model: every row is timed, the
+forced ECSO paths take the calls they should, and partial results are handed out as they come.
+(No timing is asserted: speed is measured by the benchmark itself, not by tests.)"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import defense_overhead as bench  # noqa: E402
+from harness.defenses import ecso as ecso_module  # noqa: E402
+
+
+def test_rows_calls_and_partial_results(tiny_backend_for: Callable[[str], Any]) -> None:
+    backend = tiny_backend_for("llava")
+    seen: list[int] = []
+    rows = bench.run(backend, [2], lambda b: 2, new_tokens=3, caption_tokens=2, repeats=1, image_size=28,
+                     on_rows=lambda r: seen.append(len(r)))
+    assert seen == [6, 12]  # after the benign group, then after the harmful one
+    by = {(r["defense"], r["inputs"]): r for r in rows}
+    assert set(by) == {(d, k) for d in ("none", "cmrm dataset", "cmrm sample", "shiftdc", "adashield", "ecso")
+                       for k in ("benign", "harmful")}
+    assert by[("none", "benign")]["ratio_to_none"] == 1.0
+    assert all(r["completion_tokens_per_sample"] == 3 for r in rows if r["defense"] != "ecso")
+    assert by[("ecso", "benign")]["model_calls_per_sample"] == 2  # answer, self-check
+    assert by[("ecso", "harmful")]["model_calls_per_sample"] == 4  # + caption, text-only answer
+    assert by[("shiftdc", "harmful")]["model_calls_per_sample"] == 2
+    assert 0 < by[("shiftdc", "harmful")]["caption_tokens_per_sample"] <= 2
+    assert by[("adashield", "benign")]["prompt_tokens_per_sample"] > by[("none", "benign")]["prompt_tokens_per_sample"]
+    assert ecso_module.says_yes("yes") and not ecso_module.says_yes("no")  # the forced verdict was undone
+
+
+def test_only_keeps_the_baseline_and_refuses_unknown_rows(tiny_backend_for: Callable[[str], Any]) -> None:
+    backend = tiny_backend_for("llava")
+    rows = bench.run(backend, [2], lambda b: 2, 2, 2, 1, 28, only={"none", "adashield"})
+    assert {r["defense"] for r in rows} == {"none", "adashield"}
+    with pytest.raises(SystemExit, match="shiftcd"):
+        bench.run(backend, [2], lambda b: 2, 2, 2, 1, 28, only={"none", "shiftcd"})
