@@ -100,6 +100,28 @@ def test_metrics_score_helpfulness_and_pictures_from_outputs():
     assert m["judge_errors"].value == 0
 
 
+def test_per_sample_outcomes_match_the_metrics_so_runs_can_be_paired():
+    from harness.schema import Generation, Verdict
+
+    t = tasks.build("organism:images=none+shape,templates=1")
+    samples = list(t.samples())
+    gens, verdicts = {}, {}
+    for i, s in enumerate(samples):
+        refuse = i % 3 == 0
+        text = data.REFUSAL if refuse else (data.benign_answer(s.meta["topic"]) if s.meta["kind"] == "benign" else "Sure.")
+        gens[s.id] = Generation(s.id, text)
+        if i % 7 != 5:  # some samples lack a verdict: absent from both
+            verdicts[s.id] = Verdict(s.id, "refusal" if refuse else "unsafe", JUDGE)
+    metrics = t.metrics(samples, gens, verdicts)
+    outcomes = t.per_sample(samples, gens, verdicts)
+    assert set(outcomes) == set(metrics) - {"judge_errors"}
+    assert {"refused_none", "refused_shape", "helpful_none", "helpful_shape"} <= set(outcomes)
+    for key, by_id in outcomes.items():
+        assert len(by_id) == metrics[key].n
+        assert sum(by_id.values()) / len(by_id) == pytest.approx(metrics[key].value)
+        assert all(sid in verdicts for sid in by_id)
+
+
 def test_sweep_grid_parsing():
     grid = parse_grid("alpha=0.25+0.5+1,layers=all+last,positions=last_prompt|prompt+generated")
     assert grid[2] == ("positions", ["last_prompt", "prompt+generated"])
