@@ -148,6 +148,12 @@ def test_published_example_is_valid():
     validate(doc, path)
     assert doc["note"] and "demo" in doc["note"].lower()
     assert path.read_bytes() == encode(doc)  # written by the CLI, canonical form
+    # It shows the organisms' engineered degradation: refusal as text, lost with a picture.
+    undefended = [e for e in doc["entries"] if e["defense"] == "none"]
+    assert {e["model"] for e in undefended} == {"organisms/seed0", "organisms/seed1"}
+    for e in undefended:
+        by_metric = {k.rsplit("|", 1)[1]: v["value"] for k, v in e["metrics"].items()}
+        assert by_metric["refused_none"] > 0.9 > 0.1 > by_metric["refused_shape"]
 
 
 def test_metric_kinds():
