@@ -213,8 +213,9 @@ def encode(doc: dict[str, Any]) -> bytes:
 
 
 def page_source_dir() -> Path:
-    """The repository's leaderboard/ folder (index.html, schema.json), beside the harness package."""
-    return Path(harness.__file__).resolve().parent.parent / "leaderboard"
+    """Where the leaderboard page ships: inside the package (harness/web), so an installed
+    realign copies it too. The repository's leaderboard/index.html is the published copy of it."""
+    return Path(harness.__file__).resolve().parent / "web"
 
 
 def write(doc: dict[str, Any], out: str | Path, with_page: bool = True) -> Path:
