@@ -32,7 +32,11 @@ def english_corpus() -> list[str]:
     given Python version. A byte-level BPE trained on it spends about 1.3 tokens per English word on
     the defense prompts, close to LLaMA's tokenizer, so prompt lengths are realistic."""
     lib = Path(sysconfig.get_paths()["stdlib"])
-    return [p.read_text(errors="ignore") for p in sorted(lib.glob("*.py"))]
+    texts = [p.read_text(errors="ignore") for p in sorted(lib.glob("*.py"))]
+    if sum(map(len, texts)) < 1_000_000:
+        raise RuntimeError(f"the Python standard library at {lib} has too little source text "
+                           f"({len(texts)} .py files) to train the benchmark tokenizer")
+    return texts
 
 
 def bench_tokenizer(vocab_size: int) -> dict[str, Any]:

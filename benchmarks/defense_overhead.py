@@ -2,7 +2,11 @@
 
     python benchmarks/defense_overhead.py                 # CPU: LLaVA-style, text hidden 512, 8 layers
     python benchmarks/defense_overhead.py --gpu           # LLaVA-1.5-7B architecture, random bf16 weights
-                                                          # at batch 1, 8, 32
+                                                          # at batch 1, 8, 32 (4, 16, 32 samples)
+    python benchmarks/defense_overhead.py --only shiftdc --caption-tokens 64   # one row against `none`
+
+Both models use a byte-level BPE trained on English text (benchmarks/common.py), so a defense
+prompt costs about as many tokens as with a real tokenizer.
 
 Each defense runs on benign and on harmful inputs. Every answer has the same fixed number of
 new tokens (min = max; captions are capped, not forced), ECSO's self-check verdict is forced
@@ -10,7 +14,8 @@ new tokens (min = max; captions are capped, not forced), ECSO's self-check verdi
 (CMRM dataset shifts, ShiftDC direction) is computed before timing, each defense runs one
 full-length batch untimed first (so the memory allocator has grown before timing), and defenses run
 round-robin `--repeats` times; the median is reported. Prints a table; writes
-benchmarks/results/defense_overhead.json (machine included).
+benchmarks/results/defense_overhead.json (machine included; `--json PATH` elsewhere) after every
+(batch size, inputs) group, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
