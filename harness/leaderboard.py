@@ -213,8 +213,8 @@ def encode(doc: dict[str, Any]) -> bytes:
 
 
 def page_source_dir() -> Path:
-    """Where the leaderboard page ships: inside the package (harness/web), so an installed
-    realign copies it too. The repository's leaderboard/index.html is the published copy of it."""
+    """Where the leaderboard page ships: inside the package (harness/web, a link to the
+    repository's published leaderboard/index.html), so an installed realign copies it too."""
     return Path(harness.__file__).resolve().parent / "web"
 
 
