@@ -70,19 +70,37 @@ def calibration() -> dict[str, list[Sample]]:
     return {"anchor": benign, "unsafe": harmful, "safe": benign}
 
 
-def build_defenses(backend: Backend, caption_tokens: int) -> dict[str, Defense]:
+ROWS = ("none", "cmrm dataset", "cmrm sample", "shiftdc", "adashield", "ecso")
+
+
+def _fitted(spec: str, backend: Backend, calib: dict[str, list[Sample]]) -> Defense:
+    d = defenses.build(spec)
+    d.fitted = d.fit(backend, {name: ("bench", samples) for name, samples in calib.items()}, batch_size=8)
+    return d
+
+
+def build_defenses(backend: Backend, caption_tokens: int, rows: tuple[str, ...] = ROWS) -> dict[str, Defense]:
+    """The defenses of `rows` (names from ROWS), fitted where they need it; nothing else is fitted."""
     calib = calibration()
-    out: dict[str, Defense] = {"none": defenses.build("none")}
-    cmrm = defenses.build("cmrm:level=dataset")
-    cmrm.fitted = cmrm.fit(backend, {"anchor": ("bench", calib["anchor"])}, batch_size=8)
-    out["cmrm dataset"] = cmrm
-    out["cmrm sample"] = defenses.build("cmrm:level=sample")
-    sdc = defenses.build(f"shiftdc:caption_max_new_tokens={caption_tokens}")
-    sdc.fitted = sdc.fit(backend, {"unsafe": ("bench", calib["unsafe"]), "safe": ("bench", calib["safe"])}, batch_size=8)
-    out["shiftdc"] = sdc
-    out["adashield"] = defenses.build("adashield")
-    out["ecso"] = defenses.build(f"ecso:caption_max_new_tokens={caption_tokens}")
-    return out
+    make: dict[str, Callable[[], Defense]] = {
+        "none": lambda: defenses.build("none"),
+        "cmrm dataset": lambda: _fitted("cmrm:level=dataset", backend, {"anchor": calib["anchor"]}),
+        "cmrm sample": lambda: defenses.build("cmrm:level=sample"),
+        "shiftdc": lambda: _fitted(f"shiftdc:caption_max_new_tokens={caption_tokens}", backend,
+                                   {"unsafe": calib["unsafe"], "safe": calib["safe"]}),
+        "adashield": lambda: defenses.build("adashield"),
+        "ecso": lambda: defenses.build(f"ecso:caption_max_new_tokens={caption_tokens}"),
+    }
+    return {name: make[name]() for name in rows}
+
+
+def parse_only(value: str) -> tuple[str, ...]:
+    """`--only a,b`: those rows plus the `none` baseline, in table order."""
+    wanted = {x.strip() for x in value.split(",") if x.strip()}
+    unknown = sorted(wanted - set(ROWS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown rows {unknown}; valid: {', '.join(ROWS)}")
+    return tuple(r for r in ROWS if r == "none" or r in wanted)
 
 
 def time_defense(d: Defense, backend: Backend, samples: list[Sample], batch: int, params: GenerationParams,
@@ -104,17 +122,12 @@ def time_defense(d: Defense, backend: Backend, samples: list[Sample], batch: int
 
 def run(backend: Backend, batches: list[int], n_for: Callable[[int], int], new_tokens: int, caption_tokens: int,
         repeats: int, image_size: int, on_rows: Callable[[list[dict[str, Any]]], None] = lambda rows: None,
-        only: set[str] | None = None) -> list[dict[str, Any]]:
+        only: tuple[str, ...] = ROWS) -> list[dict[str, Any]]:
     """Time every defense per (batch size, input kind); `on_rows` sees the rows so far after each
     group, so a run cut short still leaves what it measured."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     params = GenerationParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-    defs = build_defenses(backend, caption_tokens)
-    if only is not None:
-        unknown = only - set(defs)
-        if unknown:
-            raise SystemExit(f"--only: unknown rows {sorted(unknown)}; valid: {', '.join(defs)}")
-        defs = {k: d for k, d in defs.items() if k in only}
+    defs = build_defenses(backend, caption_tokens, only)
     rows: list[dict[str, Any]] = []
     for batch, kind in itertools.product(batches, ("benign", "harmful")):
         n = n_for(batch)
@@ -165,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--caption-tokens", type=int, default=128, help="ShiftDC caption_max_new_tokens (its default, 128)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--only", default=None,
+    p.add_argument("--only", type=parse_only, default=ROWS,
                    help="comma list of rows to time (e.g. 'none,shiftdc'); `none` is always kept as the baseline")
     p.add_argument("--name", default="defense_overhead", help="JSON file name under benchmarks/results/")
     p.add_argument("--json", type=Path, default=None, help="write the JSON here instead (e.g. another machine's output folder)")
@@ -188,8 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     def save(rows: list[dict[str, Any]]) -> Path:
         return write_json(args.name, {**header, "rows": rows}, path=args.json)
 
-    only = None if args.only is None else {"none", *(x.strip() for x in args.only.split(","))}
-    rows = run(backend, batches, n_for, args.new_tokens, args.caption_tokens, args.repeats, image_size, save, only)
+    rows = run(backend, batches, n_for, args.new_tokens, args.caption_tokens, args.repeats, image_size, save, args.only)
     print(f"{setup}; {args.new_tokens} new tokens, ShiftDC/ECSO caption cap {args.caption_tokens} tokens, "
           f"median of {args.repeats}")
     print_table(rows)

@@ -47,6 +47,15 @@ class HubSnapshot:
         return {"repo_id": self.repo_id, "revision": self.revision, "commit": self.commit, "root": str(self.root)}
 
 
+def check_source(task: str, source: str, data_dir: str | None, revision: str | None, dir_holds: str) -> None:
+    """The source keys every hub-or-release task shares: `source=dir` needs `data_dir` (described
+    by `dir_holds`), and `revision` pins hub data only."""
+    if source == "dir" and not data_dir:
+        raise DataError(f"{task}: source=dir needs data_dir=<{dir_holds}> (or use source=hf)")
+    if source == "dir" and revision:
+        raise DataError(f"{task}: revision= applies to source=hf only")
+
+
 def snapshot(repo_id: str, revision: str, patterns: list[str], data_dir: str | None) -> HubSnapshot:
     """The hub repository at `revision` (only files matching `patterns`), or a local copy of it."""
     if data_dir:

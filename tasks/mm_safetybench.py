@@ -211,10 +211,7 @@ class MMSafetyBench(Task):
 
     def __init__(self, params: Params) -> None:
         super().__init__(params)
-        if params.source == "dir" and not params.data_dir:
-            raise DataError("mm_safetybench: source=dir needs data_dir=<folder holding data/> (or use source=hf)")
-        if params.source == "dir" and params.revision:
-            raise DataError("mm_safetybench: revision= applies to source=hf only")
+        hfdata.check_source("mm_safetybench", params.source, params.data_dir, params.revision, "folder holding data/")
         if not params.images:
             raise DataError("mm_safetybench: images= names no image type; valid: " + ", ".join(IMAGE_TYPES))
         self.scenarios = select_scenarios(list(params.scenarios))

@@ -224,10 +224,7 @@ class MME(Task):
 
     def __init__(self, params: Params) -> None:
         super().__init__(params)
-        if params.source == "dir" and not params.data_dir:
-            raise DataError("mme: source=dir needs data_dir=<the unpacked MME release> (or use source=hf)")
-        if params.source == "dir" and params.revision:
-            raise DataError("mme: revision= applies to source=hf only")
+        hfdata.check_source("mme", params.source, params.data_dir, params.revision, "the unpacked MME release")
         self.subtasks = select_subtasks(list(params.subtasks))
         self._snapshot: hfdata.HubSnapshot | None = None
 

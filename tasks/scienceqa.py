@@ -181,10 +181,7 @@ class ScienceQA(Task):
 
     def __init__(self, params: Params) -> None:
         super().__init__(params)
-        if params.source == "dir" and not params.data_dir:
-            raise DataError("scienceqa: source=dir needs data_dir=<folder holding problems.json> (or use source=hf)")
-        if params.source == "dir" and params.revision:
-            raise DataError("scienceqa: revision= applies to source=hf only")
+        hfdata.check_source("scienceqa", params.source, params.data_dir, params.revision, "folder holding problems.json")
         self._snapshot: hfdata.HubSnapshot | None = None
 
     @property

@@ -35,9 +35,11 @@ def test_rows_calls_and_partial_results(tiny_backend_for: Callable[[str], Any]) 
     assert ecso_module.says_yes("yes") and not ecso_module.says_yes("no")  # the forced verdict was undone
 
 
-def test_only_keeps_the_baseline_and_refuses_unknown_rows(tiny_backend_for: Callable[[str], Any]) -> None:
-    backend = tiny_backend_for("llava")
-    rows = bench.run(backend, [2], lambda b: 2, 2, 2, 1, 28, only={"none", "adashield"})
+def test_only_keeps_the_baseline_and_refuses_unknown_rows(tiny_backend_for: Callable[[str], Any],
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.parse_only("adashield, cmrm sample") == ("none", "cmrm sample", "adashield")
+    rows = bench.run(tiny_backend_for("llava"), [2], lambda b: 2, 2, 2, 1, 28, only=bench.parse_only("adashield"))
     assert {r["defense"] for r in rows} == {"none", "adashield"}
-    with pytest.raises(SystemExit, match="shiftcd"):
-        bench.run(backend, [2], lambda b: 2, 2, 2, 1, 28, only={"none", "shiftcd"})
+    with pytest.raises(SystemExit) as exit_info:  # refused before any model is built
+        bench.main(["--only", "none,shiftcd"])
+    assert exit_info.value.code == 2 and "unknown rows ['shiftcd']" in capsys.readouterr().err

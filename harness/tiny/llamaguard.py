@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
+from harness.tiny.build import TEXT
 from harness.tiny.tokenizer import train_tokenizer
 
 _CATEGORY_NAMES = (
@@ -55,12 +56,7 @@ def build_tiny_llamaguard(out_dir: str | Path, seed: int = 0) -> Path:
     tokenizer.chat_template = guard_chat_template()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
+        **TEXT,  # the tiny VLMs' language-model sizes
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
