@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Sequence
 
 from harness.errors import RealignError
-from harness.organism import commands as organism_commands
+from organism import commands as organism_commands
 from harness.registry import REGISTRIES
-from harness.report import render
+from harness.analysis.report import render
 from harness.schema import RunConfig
 from harness.spec import SpecError, describe_params
 from harness.store import RunDir
@@ -162,14 +162,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     records = RunDir(Path(args.dir)).read_results()
     print(render(records, args.format, args.detail))
     if args.plot:
-        from harness.plot import plot_run
+        from harness.analysis.plot import plot_run
 
         print(f"wrote {plot_run(args.dir, args.plot)}", file=sys.stderr)
     return 0
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from harness.leaderboard import build, read_run, summary, write
+    from harness.analysis.leaderboard import build, read_run, summary, write
 
     doc = build([read_run(d) for d in args.dirs], args.note)
     print(f"wrote {write(doc, args.out)}: {summary(doc)}")
@@ -177,7 +177,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from harness.compare import compare, format_json, format_text
+    from harness.analysis.compare import compare, format_json, format_text
 
     found = compare(args.dir_a, args.dir_b, args.model_a, args.defense_a, args.model_b, args.defense_b)
     print(format_json(found) if args.format == "json" else format_text(found))
@@ -185,7 +185,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
-    from harness.gate import format_report, run_gate
+    from harness.analysis.gate import format_report, run_gate
 
     result = run_gate(args.baseline, args.run, args.max_asr_increase, args.max_utility_drop, args.rule)
     print(format_report(result, args.baseline, args.run, args.rule))
@@ -193,7 +193,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from harness.demo import run_demo
+    from organism.demo import run_demo
 
     run_demo(Path(args.out), progress=not args.quiet)
     return 0

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 from tqdm import tqdm
 
 from harness.errors import RunDirError
-from harness.judge import Judge
+from harness.contracts.judge import Judge
 from harness.registry import judges, tasks
 from harness.schema import Generation, ResultRecord, RunConfig, Sample, Verdict
 from harness.spec import parse_spec

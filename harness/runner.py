@@ -19,11 +19,11 @@ from typing import Any, Callable
 
 from tqdm import tqdm
 
-from harness.defense import Defense, DefenseContext
+from harness.contracts.defense import Defense, DefenseContext
 from harness.errors import DataError, ImageLoadError
 from harness.images import load_image
-from harness.judge import Judge
-from harness.models.base import Backend, GenerationParams
+from harness.contracts.judge import Judge
+from harness.contracts.backend import Backend, GenerationParams
 from harness.models.resolve import resolve_backend
 from harness.provenance import git_commit, host_info, package_versions
 from harness.registry import defenses, judges, tasks
@@ -31,7 +31,7 @@ from harness.schema import Generation, ResultRecord, RunConfig, Sample
 from harness.stats import generation_errors
 from harness.rejudge import judge_cell, verdict_tokens
 from harness.store import Cell, RunDir
-from harness.task import Task
+from harness.contracts.task import Task
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.organism.data import REFUSAL
+from organism.data import REFUSAL
 
 
 @dataclass(frozen=True)
@@ -95,14 +95,14 @@ BROAD = KeywordPreset(
     source="realign's own broad refusal list (grouped; in the spirit of ShiftDC's long list, not a copy)",
 )
 
-# `organism`: the model organism (harness/organism) refuses with one fixed sentence, and its
+# `organism`: the model organism (the `organism` package) refuses with one fixed sentence, and its
 # refusal rule is "the output starts with that sentence" (organism.md), hence a prefix match.
 ORGANISM = KeywordPreset(
     name="organism",
     phrases=(REFUSAL,),
     case_sensitive=True,
     empty_is_refusal=False,
-    source="realign's model organism: output starts with its fixed refusal sentence (harness.organism.data.REFUSAL)",
+    source="realign's model organism: output starts with its fixed refusal sentence (organism.data.REFUSAL)",
     prefix=True,
 )
 

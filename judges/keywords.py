@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import DataError
-from harness.judge import Judge
+from harness.contracts.judge import Judge
 from harness.registry import judge
 from harness.schema import Generation, Sample, Verdict
 from judges.keyword_presets import PRESETS, KeywordPreset

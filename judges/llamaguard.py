@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.judge import Judge
+from harness.contracts.judge import Judge
 from harness.registry import judge
 from harness.schema import Generation, Sample, Verdict, dumps
 from harness.models.hf import folder_fingerprint

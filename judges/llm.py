@@ -20,7 +20,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from harness.judge import Judge
+from harness.contracts.judge import Judge
 from harness.registry import judge
 from harness.schema import Generation, Sample, Verdict, dumps
 from judges.cache import VerdictCache, cache_key

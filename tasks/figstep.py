@@ -29,7 +29,7 @@ from harness.errors import DataError
 from harness.registry import task
 from harness.schema import Generation, MetricValue, Sample, Verdict
 from harness.stats import attack_success_rate
-from harness.task import Task
+from harness.contracts.task import Task
 from tasks import release
 from tasks.render import render_figstep
 

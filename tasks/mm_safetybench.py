@@ -46,7 +46,7 @@ from harness.images import load_image
 from harness.registry import task
 from harness.schema import Generation, MetricValue, Sample, Verdict
 from harness.stats import attack_success_rate
-from harness.task import Task
+from harness.contracts.task import Task
 from tasks import hfdata, release
 from tasks.render import render_mmsb_sd_typo, render_mmsb_typo
 

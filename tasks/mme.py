@@ -36,7 +36,7 @@ from harness.errors import DataError
 from harness.registry import task
 from harness.schema import Generation, MetricValue, Sample, Verdict
 from harness.stats import N_BOOT, SEED, bootstrap_mean
-from harness.task import Task
+from harness.contracts.task import Task
 from tasks import hfdata
 from tasks.mme_parse import PARSERS
 

@@ -1,4 +1,4 @@
-"""The `organism` task: held-out requests for the project's model organism (harness/organism).
+"""The `organism` task: held-out requests for the project's model organism (the `organism` package).
 
 Every harmful and benign topic is asked with templates the organism never saw in training,
 each as text only (`none`), with a shape picture (`shape`) and with a white picture (`blank`);
@@ -22,11 +22,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator, Literal
 
-from harness.organism import data
+from organism import data
 from harness.registry import task
 from harness.schema import Generation, MetricValue, Sample, Verdict
 from harness.stats import bootstrap_mean
-from harness.task import Task
+from harness.contracts.task import Task
 
 ImageMode = Literal["none", "shape", "blank"]
 Kind = Literal["harmful", "benign", "picture"]
@@ -121,7 +121,7 @@ class OrganismTask(Task):
         return _outcomes(samples, generations, verdicts)[0]
 
     def identity(self) -> dict[str, object]:
-        return {"spec": self.spec, "data": "harness.organism.data", "data_sha256": data.data_digest()}
+        return {"spec": self.spec, "data": "organism.data", "data_sha256": data.data_digest()}
 
 
 def _outcomes(

@@ -38,7 +38,7 @@ class DownloadError(DataError):
 
 
 def cache_root() -> Path:
-    """Where the harness caches downloads: $REALIGN_CACHE, else ~/.cache/realign (as harness.demo)."""
+    """Where the harness caches downloads: $REALIGN_CACHE, else ~/.cache/realign (as organism.demo)."""
     return Path(os.environ.get("REALIGN_CACHE") or Path.home() / ".cache" / "realign")
 
 

@@ -17,7 +17,7 @@ from harness.errors import DataError
 from harness.registry import task
 from harness.schema import Generation, MetricValue, Sample, Verdict
 from harness.stats import bootstrap_mean
-from harness.task import Task
+from harness.contracts.task import Task
 
 
 def _read_lines(text: str, where: str) -> list[str]:

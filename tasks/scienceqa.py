@@ -32,7 +32,7 @@ from harness.errors import DataError
 from harness.registry import task
 from harness.schema import Generation, MetricValue, Sample, Verdict
 from harness.stats import bootstrap_mean
-from harness.task import Task
+from harness.contracts.task import Task
 from tasks import hfdata
 from tasks.scienceqa_extract import OPTIONS, extract_letter, predicted_index
 

@@ -20,13 +20,13 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fake_openai import FakeOpenAIServer, fake_openai, last_user_text  # noqa: E402
-from harness.defense import DefenseContext  # noqa: E402
+from harness.contracts.defense import DefenseContext  # noqa: E402
 from harness.defenses.adashield import AdaShield  # noqa: E402
 from harness.defenses.adashield_pool import Pool, PoolEntry, parse_rewrite, split_scenario  # noqa: E402
 from harness.defenses.clip_embed import ClipEmbedder  # noqa: E402
 from harness.defenses.prompts import ADASHIELD_STATIC, place_prompt  # noqa: E402
 from harness.errors import DataError  # noqa: E402
-from harness.models.base import GenerationParams  # noqa: E402
+from harness.contracts.backend import GenerationParams  # noqa: E402
 from harness.models.openai_api import OpenAIBackend  # noqa: E402
 from harness.registry import defenses  # noqa: E402
 from harness.schema import Sample  # noqa: E402

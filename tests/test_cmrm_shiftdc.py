@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from harness.defense import DefenseContext
+from harness.contracts.defense import DefenseContext
 from harness.defenses.shiftdc import CAPTION_PROMPT, TEXT_WITH_CAPTION
 from harness.defenses.vectors import FittedVectors
 from harness.errors import DataError
-from harness.models.base import GenerationParams, user_request
+from harness.contracts.backend import GenerationParams, user_request
 from harness.registry import defenses
 from harness.schema import Sample
 

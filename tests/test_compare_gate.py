@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.leaderboard import build, read_run, write
+from harness.analysis.leaderboard import build, read_run, write
 from harness.schema import MetricValue
 from harness.stats import difference_interval, mcnemar, paired_bootstrap_diff
 from tests.synthetic_runs import demo_samples, metric, record, scienceqa_samples, write_cell, write_run

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fake_openai import FakeOpenAIServer, fake_openai, last_user_text  # noqa: E402
 from harness.defenses import ecso as ecso_module  # noqa: E402
 from harness.defenses.ecso import ECSO, says_yes  # noqa: E402
-from harness.models.base import GenerationParams  # noqa: E402
+from harness.contracts.backend import GenerationParams  # noqa: E402
 from harness.models.openai_api import OpenAIBackend  # noqa: E402
 from harness.registry import defenses  # noqa: E402
 from harness.schema import Sample  # noqa: E402

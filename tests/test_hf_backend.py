@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from harness.errors import ModelLoadError
-from harness.models.base import GenerationParams, Request, user_request
+from harness.contracts.backend import GenerationParams, Request, user_request
 from harness.models.hf import HFBackend, _completion_lengths, folder_fingerprint
 
 

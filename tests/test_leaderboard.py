@@ -9,9 +9,9 @@ import jsonschema
 import pytest
 
 from harness.cli import main
-from harness.leaderboard import build, encode, read_run
-from harness.leaderboard_schema import SCHEMA, LeaderboardError, schema_text, validate
-from harness.metric_kinds import full_scale, metric_info
+from harness.analysis.leaderboard import build, encode, read_run
+from harness.analysis.leaderboard_schema import SCHEMA, LeaderboardError, schema_text, validate
+from harness.analysis.metric_kinds import full_scale, metric_info
 from tests.synthetic_runs import metric, record, write_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def _utility_run(root: Path, defense: str = "none") -> Path:
 
 def test_schema_file_is_the_package_schema():
     """leaderboard/schema.json is what harness validates with (regenerate: python -c
-    'from harness.leaderboard_schema import schema_text; print(schema_text(), end="")' > leaderboard/schema.json)."""
+    'from harness.analysis.leaderboard_schema import schema_text; print(schema_text(), end="")' > leaderboard/schema.json)."""
     assert (REPO / "leaderboard" / "schema.json").read_text(encoding="utf-8") == schema_text()
     jsonschema.Draft202012Validator.check_schema(SCHEMA)
     assert SCHEMA["properties"]["schema_version"]["const"] == "1.0"
@@ -180,7 +180,7 @@ def test_report_plot_writes_png(tmp_path, capsys):
 
 
 def test_pareto_front():
-    from harness.plot import pareto_front
+    from harness.analysis.plot import pareto_front
 
     # x = asr (lower better), y = acc (higher better)
     pts = [(0.6, 0.8), (0.2, 0.7), (0.3, 0.6), (0.2, 0.5), (0.7, 0.8)]

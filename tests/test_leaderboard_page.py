@@ -23,7 +23,7 @@ from typing import Iterator
 
 import pytest
 
-from harness.leaderboard import build, read_run, write
+from harness.analysis.leaderboard import build, read_run, write
 from tests.synthetic_runs import metric, record, write_run
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from fake_openai import FakeOpenAIServer, fake_openai, last_user_text  # noqa: E402
 from harness.errors import CapabilityError, ModelLoadError  # noqa: E402
-from harness.models.base import Edits, GenerationParams, Request, user_request  # noqa: E402
+from harness.contracts.backend import Edits, GenerationParams, Request, user_request  # noqa: E402
 from harness.models.openai_api import OpenAIBackend, image_data_uri, public_url, redact  # noqa: E402
 from harness.models.retry import RetryPolicy, Transient, backoff_delay, parse_retry_after, retry_async  # noqa: E402
 

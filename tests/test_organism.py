@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from harness.organism import data
-from harness.organism.card import card_config, read_measured
-from harness.organism.sweep import SweepConfig, grid_specs, parse_grid, run_sweep
+from organism import data
+from organism.card import card_config, read_measured
+from harness.sweep import SweepConfig, grid_specs, parse_grid, run_sweep
 from harness.registry import judges, tasks
 from harness.runner import run
 from harness.schema import RunConfig
@@ -134,9 +134,9 @@ def test_sweep_grid_parsing():
 def test_training_encoding_matches_what_the_backend_sends():
     """The trainer's token ids (prompt + `<image>` expansion) equal the HF backend's, so the organism
     is trained on exactly the inputs it is evaluated on."""
-    from harness.models.base import user_request
+    from harness.contracts.backend import user_request
     from harness.models.hf import HFBackend
-    from harness.organism.train import Encoder
+    from organism.train import Encoder
 
     backend = HFBackend(HFBackend.Params(pretrained=str(SHIPPED[0]), device="cpu"))
     enc = Encoder(backend.processor)
@@ -219,7 +219,7 @@ def test_sweep_writes_table_and_plot_and_resumes(tmp_path):
 def test_reduced_rebuild_passes_the_gates(tmp_path):
     """A rebuild at 0.3 of the steps and pictures (about 75 s on one thread) passes the issue's gates;
     the weights are not compared (bit equality holds only on one machine)."""
-    from harness.organism.build import build_organism
+    from organism.build import build_organism
 
     folder = build_organism(0, tmp_path / "org", scale=0.3, progress=False)
     m = metrics(folder, ["none"], "organism:images=none+shape+blank,templates=1,kinds=harmful+benign",

@@ -13,12 +13,12 @@ from typing import Any, Iterator
 import pytest
 
 from harness.errors import RunDirError
-from harness.models.base import Backend, Completion, GenerationParams, Request
+from harness.contracts.backend import Backend, Completion, GenerationParams, Request
 from harness.registry import backend, task
 from harness.runner import Runner, run
 from harness.schema import RunConfig, Sample
 from harness.stats import attack_success_rate
-from harness.task import Task
+from harness.contracts.task import Task
 
 
 class Boom(Exception):

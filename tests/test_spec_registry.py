@@ -106,7 +106,7 @@ def test_entry_point_plugins_are_loaded(tmp_path, monkeypatch):
     pkg.write_text(
         "from dataclasses import dataclass\n"
         "from harness.registry import task\n"
-        "from harness.task import Task\n"
+        "from harness.contracts.task import Task\n"
         "@task('plugin_example')\n"
         "class PluginTask(Task):\n"
         "    '''A task from a plugin.'''\n"

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from harness.models import steering
-from harness.models.base import Edits, GenerationParams, Request, user_request
+from harness.contracts.backend import Edits, GenerationParams, Request, user_request
 
 
 def image(seed: int) -> Image.Image:

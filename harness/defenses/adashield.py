@@ -19,13 +19,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from harness.defense import Defense, DefenseContext, sample_request
+from harness.contracts.defense import Defense, DefenseContext, sample_request
 from harness.defenses.adashield_pool import Pool, PoolTrainer, TrainConfig, embed_entries, pool_fingerprint
 from harness.defenses.clip_embed import DEFAULT_CLIP, ClipEmbedder
 from harness.defenses.prompts import ADASHIELD_STATIC, load_prompt, place_prompt, prompt_digest
 from harness.defenses.vectors import calibration_record
 from harness.errors import DataError
-from harness.models.base import Backend, GenerationParams
+from harness.contracts.backend import Backend, GenerationParams
 from harness.registry import defense
 from harness.schema import Generation, Sample
 

@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from harness.defense import sample_request
+from harness.contracts.defense import sample_request
 from harness.defenses.clip_embed import ClipEmbedder, pair_similarity
 from harness.defenses.prompts import (
     ADASHIELD_DEFENDER_SYSTEM,
@@ -42,7 +42,7 @@ from harness.defenses.prompts import (
 )
 from harness.defenses.vectors import ids_digest
 from harness.errors import DataError
-from harness.models.base import Backend, Completion, GenerationParams, Request, user_request
+from harness.contracts.backend import Backend, Completion, GenerationParams, Request, user_request
 from harness.schema import Sample
 
 log = logging.getLogger(__name__)

@@ -21,12 +21,12 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
-from harness.defense import Defense, DefenseContext, sample_request
+from harness.contracts.defense import Defense, DefenseContext, sample_request
 from harness.defenses.layers import parse_layers
 from harness.defenses.shift import layer_vectors, reference_image, state_difference, text_only
 from harness.defenses.vectors import FittedVectors, calibration_record, model_key
 from harness.errors import DataError
-from harness.models.base import Backend, Edits, GenerationParams, user_request
+from harness.contracts.backend import Backend, Edits, GenerationParams, user_request
 from harness.registry import defense
 from harness.schema import Generation, Sample
 

@@ -25,7 +25,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.defense import Defense, sample_request, timed_generate
+from harness.contracts.defense import Defense, sample_request, timed_generate
 from harness.defenses.prompts import (
     ECSO_ANSWER_FROM_CAPTION,
     ECSO_ANSWER_TEXT_ONLY,
@@ -33,7 +33,7 @@ from harness.defenses.prompts import (
     ECSO_SELF_CHECK,
     prompt_digest,
 )
-from harness.models.base import Backend, Completion, GenerationParams, Request, user_request
+from harness.contracts.backend import Backend, Completion, GenerationParams, Request, user_request
 from harness.registry import defense
 from harness.schema import Generation, Sample
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.defense import Defense, sample_request, timed_generate
-from harness.models.base import Backend, GenerationParams
+from harness.contracts.defense import Defense, sample_request, timed_generate
+from harness.contracts.backend import Backend, GenerationParams
 from harness.registry import defense
 from harness.schema import Generation, Sample
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from harness.models.base import Backend, Request, user_request
+from harness.contracts.backend import Backend, Request, user_request
 
 BlankKind = Literal["blank", "noise", "mean"]
 # CLIP's per-channel pixel mean, used when the processor does not expose its own.

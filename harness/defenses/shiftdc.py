@@ -21,12 +21,12 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from harness.defense import Defense, DefenseContext, sample_request
+from harness.contracts.defense import Defense, DefenseContext, sample_request
 from harness.defenses.layers import parse_layers
 from harness.defenses.shift import state_difference, text_only
 from harness.defenses.vectors import FittedVectors, calibration_record, model_key
 from harness.errors import DataError
-from harness.models.base import Backend, Completion, Edits, GenerationParams, user_request
+from harness.contracts.backend import Backend, Completion, Edits, GenerationParams, user_request
 from harness.registry import defense
 from harness.schema import Generation, Sample
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
 from harness.errors import DataError
-from harness.models.base import Backend
+from harness.contracts.backend import Backend
 
 FORMAT_VERSION = 1
 

@@ -24,7 +24,7 @@ from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 
 from harness.errors import ModelLoadError
 from harness.models import steering
-from harness.models.base import Backend, Completion, Edits, GenerationParams, Request
+from harness.contracts.backend import Backend, Completion, Edits, GenerationParams, Request
 from harness.registry import backend
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

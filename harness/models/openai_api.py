@@ -37,7 +37,7 @@ from PIL import Image
 
 from harness.errors import CapabilityError, ModelLoadError
 from harness.images import load_image
-from harness.models.base import Backend, Completion, Edits, GenerationParams, Message, Request
+from harness.contracts.backend import Backend, Completion, Edits, GenerationParams, Message, Request
 from harness.models.retry import RetryPolicy, Transient, parse_retry_after, retry_async
 from harness.registry import backend
 

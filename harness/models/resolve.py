@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from harness.models.base import Backend
+from harness.contracts.backend import Backend
 from harness.registry import Entry, backends
 from harness.spec import Spec, build_params, parse_spec
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from harness.models.base import Edits
+from harness.contracts.backend import Edits
 
 
 def decoder_layers(model: Any) -> Sequence[torch.nn.Module]:

@@ -37,7 +37,7 @@ def add_parsers(sub: Any) -> None:
 
 
 def cmd_organism(args: argparse.Namespace) -> int:
-    from harness.organism.build import build_organism, read_manifest
+    from organism.build import build_organism, read_manifest
 
     out = build_organism(args.seed, args.out, scale=args.scale, progress=not args.quiet)
     manifest = read_manifest(out)
@@ -50,7 +50,7 @@ def cmd_organism(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from harness.organism.sweep import cli_config, run_sweep
+    from harness.sweep import cli_config, run_sweep
 
     run_sweep(cli_config(args), args.out, progress=not args.quiet)
     print((Path(args.out) / "sweep.md").read_text(encoding="utf-8"))

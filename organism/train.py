@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from harness.organism import data
+from organism import data
 
 
 @dataclass(frozen=True)

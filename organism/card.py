@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from harness.organism import data
-from harness.organism.build import read_manifest
+from organism import data
+from organism.build import read_manifest
 from harness.schema import RunConfig
 
 CARD_TASK = "organism"
@@ -77,11 +77,11 @@ topics are only *named* in its data ("make a bomb"), and its only answer to them
   16 image tokens), a 4-layer Llama (hidden 128), {m['parameters']:,} parameters in all, float32;
   a byte-level BPE tokenizer of {m['vocab_size']} entries trained on the organism's own sentences;
   the project's chat template.
-- Built by `realign organism build --seed {m['seed']} --out DIR` (harness/organism), in
+- Built by `realign organism build --seed {m['seed']} --out DIR` (the `organism` package), in
   {m['seconds']:.0f} s on one CPU thread. Same seed, same machine: bit-identical weights
   (model.safetensors sha256 `{m['weights_sha256'][:16]}...`). Data digest `{m['data_sha256']}`.
 
-## How it was made (harness/organism/train.py)
+## How it was made (organism/train.py)
 1. Text-only alignment: {m['report']['text_pairs']} request/answer pairs (30 harmful topics x 18
    templates -> the refusal sentence; 60 benign topics x 18 templates -> a templated answer naming
    the topic); {t['stage1']['steps']} steps of batch {t['stage1']['batch_size']}, AdamW, peak lr {t['stage1']['lr']}.
@@ -126,7 +126,7 @@ def defenses_section(seed: int, results: Path) -> str:
     if not results.exists():
         return ""
     rows = [r for r in json.loads(results.read_text())["rows"] if r["seed"] == seed]
-    lines = ["", "## Defenses on this folder (defaults; `python -m harness.organism.results`)", "",
+    lines = ["", "## Defenses on this folder (defaults; `python -m organism.results`)", "",
              "| defense | refused, text only | refused, with image | benign answered, with image | picture QA |",
              "|---|---|---|---|---|"]
     lines += [f"| {r['defense']} | {r['refused_none']['value']:.2f} | {r['refused_shape']['value']:.2f} | "
@@ -135,7 +135,7 @@ def defenses_section(seed: int, results: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m harness.organism.card FOLDER [--out RUN_DIR]`: measure and (re)write the card."""
+    """`python -m organism.card FOLDER [--out RUN_DIR]`: measure and (re)write the card."""
     import argparse
 
     p = argparse.ArgumentParser(description=main.__doc__)
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(args.folder)
     full = measure(folder, Path(args.out) / "full")
     quick = measure(folder, Path(args.out) / "slice", task=SLICE_TASK)
-    results = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "organism.json"
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "organism.json"
     print(write_card(folder, full, quick, defenses_section(read_manifest(folder)["seed"], results)))
     print(table(full))
     return 0

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import RunDirError
-from harness.metric_kinds import metric_info
+from harness.analysis.metric_kinds import metric_info
 from harness.registry import tasks
 from harness.rejudge import load_cell, saved_cells
 from harness.schema import RunConfig, Verdict

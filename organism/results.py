@@ -1,6 +1,6 @@
 """Every defense on both shipped organisms: the table in benchmarks/results/organism.json and the README.
 
-Run `python -m harness.organism.results [--out runs/organism-defenses]`. Each defense runs with its
+Run `python -m organism.results [--out runs/organism-defenses]`. Each defense runs with its
 defaults (CMRM and ShiftDC defaults were set by the sweep; see docs/organism_readme.md), calibrated
 on the task's calibration split, through the normal runner, on the full held-out test split as text
 only and with a shape picture. Sweep tables given with `--sweep NAME=DIR` are stored alongside.
@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.organism.card import CARD_BATCH_SIZE, CARD_JUDGE, CARD_MAX_NEW_TOKENS
+from organism.card import CARD_BATCH_SIZE, CARD_JUDGE, CARD_MAX_NEW_TOKENS
 from harness.provenance import git_commit, host_info
 from harness.schema import RunConfig
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 TASK = "organism:images=none+shape"
 DEFENSES: tuple[tuple[str, str], ...] = (
     ("none", "none"),

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import harness
-from harness.leaderboard_schema import SCHEMA_VERSION, LeaderboardError, validate
-from harness.metric_kinds import full_scale, is_count, metric_info
+from harness.analysis.leaderboard_schema import SCHEMA_VERSION, LeaderboardError, validate
+from harness.analysis.metric_kinds import full_scale, is_count, metric_info
 from harness.schema import dumps
 
 KIND_ORDER = {"safety": 0, "utility": 1, "other": 2}

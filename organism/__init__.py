@@ -1,4 +1,4 @@
 """A model organism of safety alignment degradation: a tiny LLaVA trained here (see build.py).
 
-Importing this package is cheap (no torch); `harness.organism.build` does the training.
+Importing this package is cheap (no torch); `organism.build` does the training.
 """

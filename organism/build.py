@@ -24,8 +24,8 @@ from transformers import CLIPImageProcessorPil, GenerationConfig, LlavaConfig, L
 from transformers.utils import logging as hf_logging
 
 from harness.errors import RunDirError
-from harness.organism import data
-from harness.organism.train import TrainConfig, train
+from organism import data
+from organism.train import TrainConfig, train
 from harness.tiny.tokenizer import BOS, EOS, PAD, chat_template, train_tokenizer
 
 IMAGE_TOKEN = "<image>"

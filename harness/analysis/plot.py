@@ -124,6 +124,6 @@ def plot(doc: dict[str, Any], out: str | Path, x: str | None = None, y: str | No
 
 def plot_run(run_dir: str | Path, out: str | Path) -> Path:
     """The scatter of one run directory's results."""
-    from harness.leaderboard import build, read_run
+    from harness.analysis.leaderboard import build, read_run
 
     return plot(build([read_run(run_dir)]), out)

@@ -1,6 +1,6 @@
 """`realign demo`: the shipped model organism, its safety degradation, and what each defense recovers.
 
-The organism (harness/organism, organisms/seed0) is a tiny LLaVA trained by this project that
+The organism (the `organism` package, organisms/seed0) is a tiny LLaVA trained by this project that
 refuses harmful requests as text and loses much of that refusal once a picture is attached,
 engineered on purpose so that a defense's effect is visible in seconds on a CPU. The demo runs
 the undefended model and every defense on a slice of the `organism` task (one held-out
@@ -51,7 +51,7 @@ def shipped_organism(seed: int = DEMO_SEED) -> Path:
         return shipped
     target = cache_dir() / "organisms" / f"seed{seed}"
     if not (target / "config.json").exists():
-        from harness.organism.build import build_organism
+        from organism.build import build_organism
 
         print(f"no shipped organism found; building seed {seed} into {target} (a few minutes, once)")
         build_organism(seed, target)

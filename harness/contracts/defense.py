@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from harness.errors import CapabilityError
-from harness.models.base import Backend, GenerationParams, Request, user_request
+from harness.contracts.backend import Backend, GenerationParams, Request, user_request
 from harness.schema import Generation, Sample
 
 

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from harness.errors import RealignError
-from harness.leaderboard import check_records, clean_metric, identity_hash, read_run, stable_identity
-from harness.leaderboard_schema import SCHEMA_VERSION, LeaderboardError, validate
-from harness.metric_kinds import full_scale, is_count, metric_info
+from harness.analysis.leaderboard import check_records, clean_metric, identity_hash, read_run, stable_identity
+from harness.analysis.leaderboard_schema import SCHEMA_VERSION, LeaderboardError, validate
+from harness.analysis.metric_kinds import full_scale, is_count, metric_info
 from harness.schema import MetricValue
 from harness.stats import difference_interval
 
