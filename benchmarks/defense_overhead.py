@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.common import cpu_llava, llava7b_random, write_json  # noqa: E402
-from harness.defense import Defense  # noqa: E402
+from harness.contracts.defense import Defense  # noqa: E402
 from harness.defenses import ecso as ecso_module  # noqa: E402
-from harness.models.base import Backend, GenerationParams  # noqa: E402
+from harness.contracts.backend import Backend, GenerationParams  # noqa: E402
 from harness.registry import defenses  # noqa: E402
 from harness.schema import Sample  # noqa: E402
 from tasks.demo import BENIGN_REQUESTS, HARMFUL_REQUESTS, shape_image  # noqa: E402
