@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.common import cpu_llava, llava7b_random, write_json  # noqa: E402
-from harness.contracts.defense import Defense  # noqa: E402
+from harness.contracts.defense import CalibrationSet, Defense  # noqa: E402
 from harness.defenses import ecso as ecso_module  # noqa: E402
 from harness.contracts.backend import Backend, GenerationParams  # noqa: E402
 from harness.registry import defenses  # noqa: E402
@@ -75,7 +75,7 @@ ROWS = ("none", "cmrm dataset", "cmrm sample", "shiftdc", "adashield", "ecso")
 
 def _fitted(spec: str, backend: Backend, calib: dict[str, list[Sample]]) -> Defense:
     d = defenses.build(spec)
-    d.fitted = d.fit(backend, {name: ("bench", samples) for name, samples in calib.items()}, batch_size=8)
+    d.use_state(d.fit(backend, {name: CalibrationSet("bench", samples) for name, samples in calib.items()}, batch_size=8), backend)
     return d
 
 

@@ -210,7 +210,7 @@ def cmd_judge(args: argparse.Namespace) -> int:
 def cmd_agree(args: argparse.Namespace) -> int:
     import json
 
-    from harness.rejudge import agreement, format_agreement, split_judge_list
+    from harness.agreement import agreement, format_agreement, split_judge_list
 
     specs = split_judge_list(args.judges)
     if len(specs) != 2:

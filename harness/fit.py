@@ -1,39 +1,39 @@
-"""`realign fit`: precompute a defense's state (CMRM shifts, ShiftDC directions, AdaShield-A prompt pools) once per model."""
+"""`realign fit`: precompute a defense's state (CMRM shifts, ShiftDC directions, AdaShield-A prompt
+pools) once per model, through the calibration stage every run uses."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from harness import calibration
 from harness.errors import DataError, RunDirError
 from harness.models.resolve import load_backend
-from harness.registry import defenses, tasks
-from harness.runner import load_images, load_samples
+from harness.registry import defenses
 
 
 def fit_defense(
-    model: str, defense_spec: str, calibration: dict[str, str], out: str | Path,
+    model: str, defense_spec: str, roles: dict[str, str], out: str | Path,
     limit: int | None = None, batch_size: int = 8, device: str | None = None, dtype: str | None = None,
     progress: bool = True,
 ) -> Path:
-    """Fit and save; refuses to overwrite an existing file."""
+    """Fit on the calibration task specs given by role (`anchor`, `unsafe`, `safe`) and save to
+    `out`; refuses to overwrite an existing file. With no roles given, the calibration sets the
+    defense spec itself names (e.g. `cmrm:calibration=...`) are used."""
     out = Path(out)
     if out.exists():
         raise RunDirError(f"{out} already exists; choose another --out (fitted files are never overwritten)")
     defense = defenses.build(defense_spec)
-    if not hasattr(defense, "fit"):
+    if not defense.fits():
         raise DataError(f"defense {defense.spec!r} has nothing to fit")
-    if not calibration:
+    plan = defense.calibration()
+    if not roles and plan is not None and plan.sets:
+        roles, limit = dict(plan.sets), limit if limit is not None else plan.limit
+    if not roles:
         raise DataError("give calibration data: --calibration SPEC (cmrm anchors; adashield harmful samples) "
                         "or --calibration-unsafe/--calibration-safe (shiftdc)")
-    sets = {}
-    for role, spec in calibration.items():
-        task = tasks.build(spec)
-        sets[role] = (task.spec, load_images(load_samples(task, limit)))
+    sets = calibration.load_sets(roles, limit)
     backend = load_backend(model, {"device": device, "dtype": dtype})
     try:
-        defense.check_backend(backend)
-        fitted = defense.fit(backend, sets, batch_size=batch_size, progress=progress)
-        fitted.manifest["model_spec"] = model
-        return fitted.save(out)
+        return calibration.fit_to_file(defense, backend, sets, out, batch_size, progress, model_spec=model)
     finally:
         backend.close()

@@ -7,8 +7,6 @@ re-run with the same configuration skips what is on disk.
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import logging
 import sys
 import time
@@ -19,19 +17,19 @@ from typing import Any, Callable
 
 from tqdm import tqdm
 
-from harness.contracts.defense import Defense, DefenseContext
-from harness.errors import DataError, ImageLoadError
-from harness.images import load_image
-from harness.contracts.judge import Judge
+from harness import calibration
 from harness.contracts.backend import Backend, GenerationParams
+from harness.contracts.defense import Defense, DefenseContext
+from harness.contracts.judge import Judge
+from harness.contracts.task import Task
+from harness.errors import DataError
+from harness.judging import score_cell
 from harness.models.resolve import resolve_backend
 from harness.provenance import git_commit, host_info, package_versions
 from harness.registry import defenses, judges, tasks
+from harness.samples import load_samples, split_loadable
 from harness.schema import Generation, ResultRecord, RunConfig, Sample
-from harness.stats import generation_errors
-from harness.rejudge import judge_cell, verdict_tokens
-from harness.store import Cell, RunDir
-from harness.contracts.task import Task
+from harness.store import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +57,7 @@ class Plan:
         built_defenses = [defenses.build(d) for d in config.defenses]
         for spec, entry, _ in models:
             for d in built_defenses:
-                if "steering" in d.requires and not entry.cls.supports_steering:
-                    d.check_backend(_Named(spec))
+                d.check_backend_class(entry.cls, spec)  # capabilities, on the class: nothing loads
         return cls(
             config=config,
             models=models,
@@ -70,48 +67,12 @@ class Plan:
         )
 
 
-class _Named:
-    """Stands in for a backend that is not loaded yet when checking capabilities."""
-
-    supports_steering = False
-
-    def __init__(self, spec: str) -> None:
-        self.spec = spec
-
-
-def load_samples(task: Task, limit: int | None) -> list[Sample]:
-    samples = list(itertools.islice(task.samples(), limit))
-    seen: set[str] = set()
-    for s in samples:
-        if s.id in seen:
-            raise DataError(f"task {task.spec!r} yields sample id {s.id!r} twice; ids must be unique")
-        seen.add(s.id)
-    return samples
-
-
-def _with_loaded_image(sample: Sample) -> Sample:
-    if sample.image is None:
-        return sample
-    return dataclasses.replace(sample, image=load_image(sample.image))
-
-
-def load_images(samples: list[Sample]) -> list[Sample]:
-    """Samples with their images loaded (for calibration sets, where a bad image is an error)."""
-    return [_with_loaded_image(s) for s in samples]
-
-
 def generate_batch(defense: Defense, backend: Backend, batch: list[Sample], params: GenerationParams) -> list[Generation]:
     """Generate for one batch; a sample whose image cannot be read is recorded as an error."""
-    ready: list[Sample] = []
-    failed: dict[str, Generation] = {}
-    for sample in batch:
-        try:
-            ready.append(_with_loaded_image(sample))
-        except ImageLoadError as exc:
-            failed[sample.id] = Generation(sample_id=sample.id, output="", error=f"image: {exc}")
-            log.warning("sample %s: %s", sample.id, exc)
+    ready, failed = split_loadable(batch)
     produced = {g.sample_id: g for g in defense.generate(backend, ready, params)} if ready else {}
-    return [failed.get(s.id) or produced[s.id] for s in batch]
+    return [Generation(sample_id=s.id, output="", error=failed[s.id]) if s.id in failed else produced[s.id]
+            for s in batch]
 
 
 def _generation_record(sample: Sample, gen: Generation) -> dict[str, Any]:
@@ -189,8 +150,7 @@ class Runner:
         label = f"{model_spec} | {defense.spec} | {task.spec}"
         if pending:
             backend = get_backend()
-            defense.check_backend(backend)
-            defense.prepare(backend, DefenseContext(
+            calibration.prepare(defense, backend, DefenseContext(
                 cache_dir=cell.dir.parent / "fitted",
                 eval_ids=frozenset(s.id for s in samples),
                 batch_size=self.config.batch_size,
@@ -207,38 +167,12 @@ class Runner:
             bar.close()
             done = cell.generations()
         generations = {s.id: Generation.from_json(done[s.id]) for s in samples}
-        self._score_cell(cell, model_spec, defense, task, samples, generations)
-
-    def _score_cell(
-        self, cell: Cell, model_spec: str, defense: Defense, task: Task,
-        samples: list[Sample], generations: dict[str, Generation],
-    ) -> None:
         identity = {
             "model": self.info["backends"].get(model_spec, {"spec": model_spec}),
             "defense": defense.identity(),
             "task": task.identity(),
         }
-        gen_errors = generation_errors(samples, generations)
-        judge_list: list[Judge | None] = list(self.plan.judges) if task.needs_judge else [None]
-        if task.needs_judge and not judge_list:
-            log.warning("task %s needs a judge and none was given: no metrics for it", task.spec)
-        for judge in judge_list:
-            verdicts = judge_cell(cell, judge, samples, generations, self.progress) if judge else None
-            metrics = task.metrics(samples, generations, verdicts)
-            judge_errors = int(metrics["judge_errors"].value) if "judge_errors" in metrics else 0
-            record = ResultRecord(
-                model=model_spec,
-                defense=defense.spec,
-                task=task.spec,
-                judge=judge.spec if judge else None,
-                n=len(samples),
-                metrics=metrics,
-                generation_errors=gen_errors,
-                judge_errors=judge_errors,
-                identity={**identity, "judge": judge.identity() if judge else None},
-            ).to_json()
-            if verdicts is not None:  # what the judge cost: tokens, requests, verdicts from the cache
-                record["identity"]["judge_tokens"] = verdict_tokens(verdicts.values())
+        for record in score_cell(cell, task, self.plan.judges, samples, generations, identity, self.progress):
             self.results.append(record)
             self.rundir.write_results(self.results)
 

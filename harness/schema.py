@@ -190,10 +190,11 @@ class ResultRecord:
     generation_errors: int = 0
     judge_errors: int = 0
     identity: dict[str, Any] = field(default_factory=dict)
+    #: metric name -> what it means (kind, better, unit, scale, headline), as its task declared it
+    meanings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        return data
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ResultRecord:

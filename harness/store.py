@@ -1,4 +1,5 @@
-"""The run directory: append-only JSONL with fsync, atomic JSON, and the resume index.
+"""The run directory: append-only JSON Lines (through `jsonlines`) with fsync, atomic JSON, and the
+resume index; and the readers every later stage (judge, agree, compare) uses to walk a run.
 
 Layout (architecture.md):
     DIR/run.json
@@ -17,10 +18,12 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
+
+import jsonlines
 
 from harness.errors import RunDirError
-from harness.schema import dumps
+from harness.schema import Generation, RunConfig, Sample, dumps
 
 log = logging.getLogger(__name__)
 
@@ -68,34 +71,35 @@ def _repair_torn_tail(path: Path) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """All complete records; a torn last line is dropped with a warning, other bad lines are errors."""
+    """All complete records; a torn last line is dropped with a warning, other bad lines are errors
+    naming the file and line."""
     if not path.exists():
         return []
     lines = path.read_bytes().split(b"\n")
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    records: list[dict[str, Any]] = []
+    with jsonlines.Reader(lines) as reader:
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            is_last = all(not rest.strip() for rest in lines[number:])
-            if is_last:
+            for record in reader.iter(skip_empty=True):
+                records.append(record)
+        except jsonlines.InvalidLineError as exc:
+            number = exc.lineno
+            if all(not rest.strip() for rest in lines[number:]):
                 log.warning("%s line %d: dropping a torn last line", path, number)
-                break
-            raise RunDirError(f"{path} line {number} is not valid JSON: {exc}") from None
+            else:
+                raise RunDirError(f"{path} line {number} is not valid JSON: {exc}") from None
     return records
 
 
 def append_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
-    """Append records and fsync: once this returns they survive a crash."""
+    """Append records (canonical one-line JSON) and fsync: once this returns they survive a crash."""
+    records = list(records)
+    if not records:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     _repair_torn_tail(path)
-    payload = "".join(dumps(r) + "\n" for r in records)
-    if not payload:
-        return
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write(payload)
+        with jsonlines.Writer(fh, dumps=dumps) as writer:
+            writer.write_all(records)
         fh.flush()
         os.fsync(fh.fileno())
 
@@ -141,6 +145,27 @@ class Cell:
     def append_verdicts(self, judge: str, records: list[dict[str, Any]]) -> None:
         append_jsonl(self.verdicts_path(judge), records)
 
+    def load(self) -> tuple[list[Sample], dict[str, Generation]]:
+        """Samples (from the records) and generations, in the order they were generated."""
+        samples: list[Sample] = []
+        generations: dict[str, Generation] = {}
+        for sid, rec in self.generations().items():
+            if "sample" not in rec:
+                raise RunDirError(f"{self.generations_path}: record {sid!r} has no saved sample; cannot re-judge it")
+            samples.append(Sample.from_json(rec["sample"]))
+            generations[sid] = Generation.from_json(rec)
+        return samples, generations
+
+    def judged_specs(self) -> list[str]:
+        """Judge specs with a verdict file in the cell (each read from its file's first record)."""
+        folder = self.dir / "verdicts"
+        out: list[str] = []
+        for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
+            records = read_jsonl(path)
+            if records and records[0].get("judge") and records[0]["judge"] not in out:
+                out.append(str(records[0]["judge"]))
+        return out
+
 
 class RunDir:
     """A run directory bound to one generation configuration."""
@@ -178,6 +203,23 @@ class RunDir:
 
     def cell(self, model: str, defense: str, task: str) -> Cell:
         return Cell(self.root, model, defense, task)
+
+    def config(self) -> tuple[RunConfig, dict[str, Any]]:
+        """The run's configuration and its run.json, or an error saying this is no run directory."""
+        info = self.load_run_info()
+        if info is None or "config" not in info:
+            raise RunDirError(f"{self.root} holds no run.json with a config: is it a realign run directory?")
+        return RunConfig.from_json(info["config"]), info
+
+    def saved_cells(self, config: RunConfig | None = None) -> Iterator[Cell]:
+        """The cells of the run that have saved generations, in the run's order."""
+        config = config or self.config()[0]
+        for model in config.models:
+            for defense in config.defenses:
+                for task in config.tasks:
+                    folder = self.root / slug(model) / slug(defense) / slug(task)
+                    if (folder / "generations.jsonl").is_file():
+                        yield self.cell(model, defense, task)
 
     def write_run_info(self, info: dict[str, Any]) -> None:
         atomic_write_json(self.run_json, info)

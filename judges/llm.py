@@ -11,20 +11,19 @@ steer the judge; a reply that is not exactly a verdict word is asked once more w
 reminder and otherwise recorded as `error` with the raw reply kept (never `safe`); transport
 failures after bounded retries are `error` too; every verdict keeps its raw reply, tokens and
 request count; verdicts are cached (judges/cache.py) so re-runs and resumed crashes pay only
-for what is new.
+for what is new. Caching, skipping failed generations and usage counting come from
+`judges.cached.CachedJudge`; the endpoint (key, retries, concurrency) from `harness.models.remote`.
 """
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from harness.contracts.judge import Judge
+from harness.models.remote import ChatSession, RemoteChat, RequestFailed
 from harness.registry import judge
-from harness.schema import Generation, Sample, Verdict, dumps
-from judges.cache import VerdictCache, cache_key
-from judges.remote import ChatEndpoint, ChatSession, RequestFailed, Usage, run_sync
+from harness.schema import Generation, Sample, Verdict
+from judges.cached import CachedJudge, Judged, Pending, Prepared
 from judges.templates import BUNDLED, JUDGE_GROUPS, Template, bundled_template, load_template
 
 
@@ -32,18 +31,16 @@ from judges.templates import BUNDLED, JUDGE_GROUPS, Template, bundled_template, 
 PARSER_VERSION = "strict-1"
 
 
-@dataclass
-class _Item:
-    index: int
-    sample: Sample
-    generation: Generation
-    template: Template
+@dataclass(frozen=True)
+class Rubric:
+    """The rubric chosen for one sample, and the judge group it was chosen by ("-" when none)."""
+
     group: str
-    key: str
+    template: Template
 
 
 @judge("llm")
-class LLMJudge(Judge):
+class LLMJudge(CachedJudge[Rubric]):
     """LLM judge on an OpenAI-compatible endpoint; per-group rubrics, strict parser, cached verdicts."""
 
     @dataclass
@@ -72,21 +69,21 @@ class LLMJudge(Judge):
     def __init__(self, params: Params) -> None:
         super().__init__(params)
         p = params
-        self.endpoint = ChatEndpoint(p.model, p.base_url, p.api_key_env, p.concurrency, p.max_retries,
-                                     p.timeout, p.backoff, what=f"llm judge ({p.model})")
+        self.chat = RemoteChat(
+            p.model, p.base_url, p.api_key_env, concurrency=p.concurrency, max_retries=p.max_retries,
+            timeout=p.timeout, backoff=p.backoff, what=f"llm judge ({p.model})",
+        )
         if p.template_file:
             self.templates = {"file": load_template(p.template_file)}
         elif p.rubric != "auto":
             self.templates = {p.rubric: bundled_template(p.rubric)}
         else:
             self.templates = {name: bundled_template(name) for name in dict.fromkeys([*JUDGE_GROUPS, p.default])}
-        self.usage = Usage()
-        self._cache: VerdictCache | None = None
 
     # ---- identity ---------------------------------------------------------------------------
     def cache_identity(self) -> dict[str, Any]:
         """What decides a verdict besides the template and the answer: part of every cache key."""
-        ep = self.endpoint.identity()
+        ep = self.chat.identity()
         return {"judge": "llm", "model": ep["model"], "base_url": ep["base_url"], "temperature": 0.0,
                 "max_tokens": self.params.max_tokens, "parser": PARSER_VERSION}
 
@@ -94,7 +91,7 @@ class LLMJudge(Judge):
         return {
             "spec": self.spec,
             "name": "llm",
-            **self.endpoint.identity(),
+            **self.chat.identity(),
             "temperature": 0.0,
             "max_tokens": self.params.max_tokens,
             "parser": PARSER_VERSION,
@@ -103,8 +100,8 @@ class LLMJudge(Judge):
             "templates": {name: t.identity() for name, t in self.templates.items()},
         }
 
-    def usage_record(self) -> dict[str, int]:
-        return self.usage.to_json()
+    def remote(self) -> RemoteChat:
+        return self.chat
 
     # ---- rubric choice ----------------------------------------------------------------------
     def template_for(self, sample: Sample) -> tuple[str, Template | None]:
@@ -118,65 +115,28 @@ class LLMJudge(Judge):
             return "-", self.templates[self.params.default]
         return group, self.templates.get(group) if group in JUDGE_GROUPS else None
 
+    def prepare(self, sample: Sample, generation: Generation) -> Prepared[Rubric] | Verdict:
+        """The sample's rubric (its hash is in the cache key); an unknown group is an error, unasked."""
+        group, template = self.template_for(sample)
+        if template is None:
+            return Verdict(sample.id, "error", self.spec, None,
+                           {"reason": f"unknown judge group {group!r}; known: {', '.join(JUDGE_GROUPS)}"})
+        return Prepared(template.sha256, Rubric(group, template))
+
     # ---- judging ----------------------------------------------------------------------------
-    def verdicts(self, samples: list[Sample], generations: list[Generation]) -> list[Verdict]:
-        return run_sync(lambda: self.averdicts(samples, generations))
-
-    def cache(self) -> VerdictCache | None:
-        if self.params.cache and self._cache is None:
-            self._cache = VerdictCache()
-        return self._cache
-
-    async def averdicts(self, samples: list[Sample], generations: list[Generation]) -> list[Verdict]:
-        """One verdict per pair, in order; cached ones free, the rest at most `concurrency` at a time."""
-        out: list[Verdict | None] = [None] * len(samples)
-        items: list[_Item] = []
-        ident = dumps(self.cache_identity())
-        for i, (sample, gen) in enumerate(zip(samples, generations)):
-            if gen.error:
-                out[i] = Verdict(sample.id, "error", self.spec, None, {"reason": "generation failed"})
-                continue
-            group, template = self.template_for(sample)
-            if template is None:
-                out[i] = Verdict(sample.id, "error", self.spec, None,
-                                 {"reason": f"unknown judge group {group!r}; known: {', '.join(JUDGE_GROUPS)}"})
-                continue
-            key = cache_key(ident, template.sha256, sample.id, gen.output)
-            items.append(_Item(i, sample, gen, template, group, key))
-        cache = self.cache()
-        hits = cache.get_many(it.key for it in items) if cache else {}
-        pending = []
-        for it in items:
-            hit = hits.get(it.key)
-            if hit is None:
-                pending.append(it)
-                continue
-            self.usage.cache_hits += 1
-            out[it.index] = Verdict(it.sample.id, hit.label, self.spec, hit.raw, {**hit.detail, "cached": True})  # type: ignore[arg-type]
-        if pending:
-            async with self.endpoint.session() as session:
-                judged = await asyncio.gather(*(self._judge_one(session, it) for it in pending))
-                for it, verdict in zip(pending, judged):
-                    out[it.index] = verdict
-        for v in out:
-            assert v is not None
-            self.usage.verdicts += 1
-            self.usage.errors += v.label == "error"
-        return out  # type: ignore[return-value]
-
-    async def _judge_one(self, session: ChatSession, it: _Item) -> Verdict:
-        t = it.template
+    async def judge_one(self, session: ChatSession, item: Pending[Rubric]) -> Judged:
+        """Ask, and once more with a reminder if the reply is not a verdict word."""
+        t = item.context.template
         detail: dict[str, Any] = {"template": t.name, "template_version": t.version,
-                                  "template_sha256": t.sha256, "group": it.group,
+                                  "template_sha256": t.sha256, "group": item.context.group,
                                   "prompt_tokens": 0, "completion_tokens": 0, "requests": 0}
-        messages = t.render(it.generation.output, it.sample.query)
+        messages = t.render(item.generation.output, item.sample.query)
         replies: list[str] = []
         label = None
         try:
-            for attempt in range(2):  # the reply, then once more with a reminder
-                reply = await session.complete(messages, label=f"sample {it.sample.id}",
-                                                     max_tokens=self.params.max_tokens)
-                self.usage.add_reply(reply)
+            for _ in range(2):  # the reply, then once more with a reminder
+                reply = await session.complete(messages, label=f"sample {item.sample.id}", temperature=0.0,
+                                               max_tokens=self.params.max_tokens)
                 detail["prompt_tokens"] += reply.prompt_tokens
                 detail["completion_tokens"] += reply.completion_tokens
                 detail["requests"] += reply.attempts
@@ -189,16 +149,19 @@ class LLMJudge(Judge):
         except RequestFailed as exc:
             # Transport failure: an error now, but not cached, so a later run asks again.
             detail["requests"] += exc.attempts
-            self.usage.requests += exc.attempts
             detail.update(reason=f"request failed: {exc.message}", replies=replies)
-            return Verdict(it.sample.id, "error", self.spec, replies[-1] if replies else None, detail)
+            verdict = Verdict(item.sample.id, "error", self.spec, replies[-1] if replies else None, detail)
+            return self._judged(verdict, cacheable=False)
         detail["reminded"] = len(replies) > 1
         if len(replies) > 1:
             detail["replies"] = replies
         if label is None:
             detail["reason"] = "unreadable reply (after one reminder)"
-        verdict = Verdict(it.sample.id, label or "error", self.spec, replies[-1], detail)  # type: ignore[arg-type]
-        cache = self.cache()
-        if cache is not None:
-            cache.put(it.key, self.spec, it.sample.id, verdict.label, verdict.raw, detail)
-        return verdict
+        verdict = Verdict(item.sample.id, label or "error", self.spec, replies[-1], detail)  # type: ignore[arg-type]
+        return self._judged(verdict, cacheable=True)
+
+    @staticmethod
+    def _judged(verdict: Verdict, cacheable: bool) -> Judged:
+        d = verdict.detail
+        return Judged(verdict, cacheable, requests=d["requests"], prompt_tokens=d["prompt_tokens"],
+                      completion_tokens=d["completion_tokens"])

@@ -20,7 +20,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fake_openai import FakeOpenAIServer, fake_openai, last_user_text  # noqa: E402
-from harness.contracts.defense import DefenseContext  # noqa: E402
+from harness import calibration  # noqa: E402
+from harness.contracts.defense import CalibrationSet, DefenseContext  # noqa: E402
 from harness.defenses.adashield import AdaShield  # noqa: E402
 from harness.defenses.adashield_pool import Pool, PoolEntry, parse_rewrite, split_scenario  # noqa: E402
 from harness.defenses.clip_embed import ClipEmbedder  # noqa: E402
@@ -157,7 +158,7 @@ def test_pool_training_stops_early_when_the_target_refuses(clip_dir: Path, tmp_p
     samples = (scenario_samples("a", 4) + scenario_samples("b", 4, "EASY") + scenario_samples("c", 2, "NEVER")
                + scenario_samples("d", 2, "", val_word="STUBBORN"))
     with fake_openai(reply=target_and_defender) as srv:
-        pool = adaptive(clip_dir, srv).fit(api(srv, "target"), {"anchor": ("demo", samples)}, batch_size=3)
+        pool = adaptive(clip_dir, srv).fit(api(srv, "target"), {"anchor": CalibrationSet("demo", samples)}, batch_size=3)
         target, defender = sent_texts(srv, "target"), sent_texts(srv, "defender")
         defender_bodies = [r.body for r in srv.chat_requests if r.body["model"] == "defender"]
 
@@ -211,9 +212,9 @@ def test_parse_rewrite() -> None:
 def test_fit_needs_adaptive_mode_and_a_defender(clip_dir: Path) -> None:
     samples = scenario_samples("a", 2)
     with pytest.raises(DataError, match="nothing to fit"):
-        defenses.build("adashield").fit(None, {"anchor": ("x", samples)})
+        defenses.build("adashield").fit(None, {"anchor": CalibrationSet("x", samples)})
     with pytest.raises(DataError, match="defender_model"):
-        defenses.build(f"adashield:mode=adaptive,clip={clip_dir}").fit(None, {"anchor": ("x", samples)})
+        defenses.build(f"adashield:mode=adaptive,clip={clip_dir}").fit(None, {"anchor": CalibrationSet("x", samples)})
 
 
 def test_pool_training_on_a_tiny_hf_vlm_with_itself_as_defender(tiny_backend_for: Any, clip_dir: Path, tmp_path: Path) -> None:
@@ -222,7 +223,7 @@ def test_pool_training_on_a_tiny_hf_vlm_with_itself_as_defender(tiny_backend_for
     d = defenses.build(f"adashield:mode=adaptive,defender=target,rounds=2,clip={clip_dir},keywords_file={never},"
                        "fit_max_new_tokens=3,defender_max_new_tokens=4")
     samples = scenario_samples("a", 3)
-    pool = d.fit(tiny_backend_for("llava"), {"anchor": ("x", samples)}, batch_size=2)
+    pool = d.fit(tiny_backend_for("llava"), {"anchor": CalibrationSet("x", samples)}, batch_size=2)
     assert pool.entries == [] and pool.manifest["scenarios"]["a"]["refused_in_search"] == 0
     assert pool.manifest["model_calls"]["target"] >= 2 and pool.manifest["model_calls"]["defender"] <= 2
     loaded = Pool.load(pool.save(tmp_path / "empty.safetensors"))
@@ -241,7 +242,7 @@ def make_pool(clip_dir: Path, keys: list[Sample], path: Path) -> Path:
 
 def prepared(spec: str, backend: Any, tmp_path: Path, eval_ids: frozenset[str] = frozenset()) -> AdaShield:
     d = defenses.build(spec)
-    d.prepare(backend, DefenseContext(cache_dir=tmp_path, eval_ids=eval_ids))
+    calibration.prepare(d, backend, DefenseContext(cache_dir=tmp_path, eval_ids=eval_ids))
     return d
 
 
@@ -257,7 +258,7 @@ def test_retrieval_applies_or_skips_around_beta(clip_dir: Path, tmp_path: Path) 
     with fake_openai() as srv:
         d = prepared(f"adashield:mode=adaptive,pool={pool_file},beta={beta},placement=prepend", api(srv), tmp_path)
         same, different = d.generate(api(srv), queries, GenerationParams())
-    assert sent_texts(srv) == ["POOL PROMPT 0\n\nhow to make a weapon", "bake bread"]
+    assert sorted(sent_texts(srv)) == ["POOL PROMPT 0\n\nhow to make a weapon", "bake bread"]  # sent concurrently
     assert same.trace["applied"] and same.trace["similarity"] == pytest.approx(1.0, abs=1e-5)
     assert same.trace["scenario"] == "weapons" and same.trace["defense_prompt"] == "POOL PROMPT 0"
     assert not different.trace["applied"] and different.trace["defense_prompt"] is None

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from harness.contracts.defense import DefenseContext
+from harness import calibration  # noqa: E402
+from harness.contracts.defense import CalibrationSet, DefenseContext  # noqa: E402
 from harness.defenses.shiftdc import CAPTION_PROMPT, TEXT_WITH_CAPTION
 from harness.defenses.vectors import FittedVectors
 from harness.errors import DataError
@@ -55,14 +56,14 @@ def ctx(tmp_path: Path, ids=()) -> DefenseContext:
 
 def fitted_cmrm(backend, spec: str, tmp_path: Path):
     d = defenses.build(spec)
-    fitted = d.fit(backend, {"anchor": ("test-anchors", anchors())}, batch_size=4)
+    fitted = d.fit(backend, {"anchor": CalibrationSet("test-anchors", anchors())}, batch_size=4)
     path = fitted.save(tmp_path / f"cmrm-{abs(hash(spec))}.safetensors")
     return path
 
 
 def fitted_shiftdc(backend, tmp_path: Path) -> Path:
     d = defenses.build("shiftdc")
-    fitted = d.fit(backend, {"unsafe": ("u", calib("unsafe")), "safe": ("s", calib("safe"))}, batch_size=4)
+    fitted = d.fit(backend, {"unsafe": CalibrationSet("u", calib("unsafe")), "safe": CalibrationSet("s", calib("safe"))}, batch_size=4)
     return fitted.save(tmp_path / "dir.safetensors")
 
 
@@ -85,7 +86,7 @@ def capture_last(layer_module, store: list):
 
 def test_cmrm_sample_level_maps_blank_image_input_to_text_only_state(tiny_backend):
     backend = tiny_backend
-    layer = backend.num_layers // 2
+    layer = backend.decoder_size().num_layers // 2
     d = defenses.build(f"cmrm:level=sample,alpha=1,layers={layer}")
     blank = Image.new("RGB", (56, 56), "white")
     sample = Sample("x", "what do you see", image=blank)
@@ -98,10 +99,10 @@ def test_cmrm_sample_level_maps_blank_image_input_to_text_only_state(tiny_backen
 
 def test_shiftdc_removes_exactly_the_safety_component(tiny_backend, tmp_path):
     backend = tiny_backend
-    layer = backend.num_layers - 1
+    layer = backend.decoder_size().num_layers - 1
     path = fitted_shiftdc(backend, tmp_path)
     d = defenses.build(f"shiftdc:alpha=1,layers={layer},direction={path},caption_max_new_tokens=4")
-    d.prepare(backend, ctx(tmp_path))
+    calibration.prepare(d, backend, ctx(tmp_path))
     sample = Sample("x", "what is in the picture", image=picture(1))
     unsteered = backend.last_token_states([user_request(sample.text, sample.image)], [layer])[0, 0].float()
     seen: list = []
@@ -127,7 +128,7 @@ def test_alpha_zero_is_identical_to_none(tiny_backend, tmp_path):
     assert [g.output for g in d.generate(backend, samples, GREEDY)] == base
     path = fitted_shiftdc(backend, tmp_path)
     s = defenses.build(f"shiftdc:alpha=0,direction={path},caption_max_new_tokens=3")
-    s.prepare(backend, ctx(tmp_path))
+    calibration.prepare(s, backend, ctx(tmp_path))
     assert [g.output for g in s.generate(backend, samples, GREEDY)] == base
 
 
@@ -137,24 +138,24 @@ def test_fitted_files_round_trip_and_refuse_other_models(tiny_backend_for, tmp_p
     llava, qwen = tiny_backend_for("llava"), tiny_backend_for("qwen2_vl")
     path = fitted_cmrm(llava, "cmrm", tmp_path)
     loaded = FittedVectors.load(path, "cmrm-shift")
-    assert loaded.vectors.shape == (llava.num_layers, llava.hidden_size)
+    assert tuple(loaded.vectors.shape) == tuple(llava.decoder_size())
     assert loaded.manifest["calibration"]["n"] == 5 and path.with_name(path.name + ".json").exists()
-    refit = defenses.build("cmrm").fit(llava, {"anchor": ("test-anchors", anchors())}, batch_size=2)
+    refit = defenses.build("cmrm").fit(llava, {"anchor": CalibrationSet("test-anchors", anchors())}, batch_size=2)
     torch.testing.assert_close(loaded.vectors, refit.vectors, atol=1e-5, rtol=1e-5)  # batch size does not matter
     d = defenses.build(f"cmrm:vectors={path}")
-    d.prepare(llava, ctx(tmp_path))
+    calibration.prepare(d, llava, ctx(tmp_path))
     with pytest.raises(DataError, match="was made for"):
-        defenses.build(f"cmrm:vectors={path}").prepare(qwen, ctx(tmp_path))
+        calibration.prepare(defenses.build(f"cmrm:vectors={path}"), qwen, ctx(tmp_path))
     with pytest.raises(DataError, match="cmrm-shift"):
-        defenses.build(f"shiftdc:direction={path}").prepare(llava, ctx(tmp_path))
+        calibration.prepare(defenses.build(f"shiftdc:direction={path}"), llava, ctx(tmp_path))
     with pytest.raises(DataError, match="allow_overlap"):
-        defenses.build(f"cmrm:vectors={path}").prepare(llava, ctx(tmp_path, ids=["a3", "zz"]))
-    defenses.build(f"cmrm:vectors={path},allow_overlap=true").prepare(llava, ctx(tmp_path, ids=["a3"]))
+        calibration.prepare(defenses.build(f"cmrm:vectors={path}"), llava, ctx(tmp_path, ids=["a3", "zz"]))
+    calibration.prepare(defenses.build(f"cmrm:vectors={path},allow_overlap=true"), llava, ctx(tmp_path, ids=["a3"]))
 
 
 def test_dataset_level_needs_vectors_or_calibration(tiny_backend_for, tmp_path):
     with pytest.raises(DataError, match="vectors=FILE"):
-        defenses.build("cmrm").prepare(tiny_backend_for("llava"), ctx(tmp_path))
+        calibration.prepare(defenses.build("cmrm"), tiny_backend_for("llava"), ctx(tmp_path))
 
 
 def test_trace_records_what_an_auditor_needs(tiny_backend_for, tmp_path):
@@ -230,7 +231,7 @@ def test_batched_defenses_match_independent_reference(arch, tiny_model_path, tin
     backend = tiny_backend_for(arch)
     ref = Reference(tiny_model_path(arch))
     samples = eval_samples()
-    num_layers = backend.num_layers
+    num_layers = backend.decoder_size().num_layers
     white = lambda img: Image.new("RGB", img.size, "white")  # noqa: E731
 
     # CMRM, sample level, incremental shifts on the upper half, prompt + generated positions.
@@ -250,7 +251,7 @@ def test_batched_defenses_match_independent_reference(arch, tiny_model_path, tin
     # CMRM, dataset level, independent shifts at every layer, alpha 0.3.
     path = fitted_cmrm(backend, "cmrm", tmp_path)
     d = defenses.build(f"cmrm:vectors={path},alpha=0.3,positions=prompt+generated")
-    d.prepare(backend, ctx(tmp_path))
+    calibration.prepare(d, backend, ctx(tmp_path))
     got = [g.output for g in d.generate(backend, samples, GREEDY)]
     mean = torch.stack([ref.states(a.text, Image.new("RGB", (336, 336), "white")) - ref.states(a.text, None)
                         for a in anchors()]).mean(0)
@@ -261,7 +262,7 @@ def test_batched_defenses_match_independent_reference(arch, tiny_model_path, tin
     # ShiftDC, default layers (L//2 .. L-1), last prompt token + generated tokens.
     dpath = fitted_shiftdc(backend, tmp_path)
     d = defenses.build(f"shiftdc:direction={dpath},caption_max_new_tokens=5,alpha=1,layers=half,positions=last_prompt+generated")
-    d.prepare(backend, ctx(tmp_path))
+    calibration.prepare(d, backend, ctx(tmp_path))
     got = [g.output for g in d.generate(backend, samples, GREEDY)]
     direction = torch.stack([ref.states(c.text, None) for c in calib("safe")]).mean(0) - \
         torch.stack([ref.states(c.text, None) for c in calib("unsafe")]).mean(0)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from harness.errors import ModelLoadError
-from harness.contracts.backend import GenerationParams, Request, user_request
+from harness.contracts.backend import GenerationParams, Request, Steerable, user_request
 from harness.models.hf import HFBackend, _completion_lengths, folder_fingerprint
 
 
@@ -34,7 +34,7 @@ def fixed(n: int) -> GenerationParams:
 
 def test_registered_as_hf() -> None:
     assert HFBackend.registered_name == "hf"  # type: ignore[attr-defined]
-    assert HFBackend.supports_steering
+    assert issubclass(HFBackend, Steerable)  # the steering capability, checked on the class
 
 
 def test_mixed_batch_is_left_padded_and_counted(tiny_backend: Any) -> None:
@@ -100,7 +100,7 @@ def test_identity_describes_the_model(tiny_backend: Any) -> None:
     assert ident["model_class"] == type(tiny_backend.model).__name__
     assert ident["folder_hash"] == folder_fingerprint(folder) and len(ident["folder_hash"]) == 12
     assert {"transformers", "torch", "revision", "processor_class"} <= set(ident)
-    assert tiny_backend.num_layers == 4 and tiny_backend.hidden_size == 64
+    assert tiny_backend.decoder_size().num_layers == 4 and tiny_backend.decoder_size().hidden_size == 64
 
 
 def test_image_layout_falls_back_to_a_flat_list() -> None:

@@ -18,7 +18,7 @@ from harness.registry import judges  # noqa: E402
 from harness.schema import Generation, Sample  # noqa: E402
 from harness.spec import SpecError  # noqa: E402
 from harness.stats import attack_success_rate  # noqa: E402
-from judges.keyword_presets import BROAD, LMMS_EVAL, PRESETS  # noqa: E402
+from harness.refusal import BROAD, LMMS_EVAL, PRESETS  # noqa: E402
 from judges.templates import (  # noqa: E402
     BUNDLED, JUDGE_GROUPS, RUBRIC_DIR, bundled_template, fence, load_template, make_nonce, normalize_reply,
 )

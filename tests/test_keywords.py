@@ -8,7 +8,7 @@ from harness.errors import DataError
 from harness.registry import judges
 from harness.schema import Generation, Sample
 from harness.spec import SpecError
-from judges.keyword_presets import ADVBENCH
+from harness.refusal import ADVBENCH
 
 
 def _judge(spec="keywords"):

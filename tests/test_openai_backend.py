@@ -23,8 +23,9 @@ import torch  # noqa: E402
 
 from fake_openai import FakeOpenAIServer, fake_openai, last_user_text  # noqa: E402
 from harness.errors import CapabilityError, ModelLoadError  # noqa: E402
-from harness.contracts.backend import Edits, GenerationParams, Request, user_request  # noqa: E402
-from harness.models.openai_api import OpenAIBackend, image_data_uri, public_url, redact  # noqa: E402
+from harness.contracts.backend import Edits, GenerationParams, Request, Steerable, user_request  # noqa: E402
+from harness.models.openai_api import OpenAIBackend, image_data_uri  # noqa: E402
+from harness.models.remote import public_url, redact  # noqa: E402
 from harness.models.retry import RetryPolicy, Transient, backoff_delay, parse_retry_after, retry_async  # noqa: E402
 
 KEY_ENV = "REALIGN_TEST_OPENAI_KEY"
@@ -192,7 +193,7 @@ def test_key_never_leaks(api_key: str, caplog: pytest.LogCaptureFixture) -> None
 
 def test_edits_refused(api_key: str, server: FakeOpenAIServer) -> None:
     backend = make_backend(server)
-    assert backend.supports_steering is False
+    assert not isinstance(backend, Steerable) and not issubclass(OpenAIBackend, Steerable)
     with pytest.raises(CapabilityError):
         backend.generate(texts(1), GenerationParams(), edits=Edits(vectors={0: torch.zeros(1, 4)}))
     assert server.request_count == 0

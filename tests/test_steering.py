@@ -52,15 +52,15 @@ def unhooked(tiny_backend: Any) -> Any:
 
 def vectors(backend: Any, layer: int, batch: int, scale: float = 1.0, seed: int = 0) -> dict[int, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return {layer: scale * torch.randn(batch, backend.hidden_size, generator=gen)}
+    return {layer: scale * torch.randn(batch, backend.decoder_size().hidden_size, generator=gen)}
 
 
 # ---- recording ---------------------------------------------------------------------------------
 def test_states_equal_hidden_states_of_a_plain_forward(unhooked: Any) -> None:
     requests = mixed_requests()
-    layers = list(range(unhooked.num_layers))
+    layers = list(range(unhooked.decoder_size().num_layers))
     states = unhooked.last_token_states(requests, layers)
-    assert states.shape == (3, len(layers), unhooked.hidden_size)
+    assert states.shape == (3, len(layers), unhooked.decoder_size().hidden_size)
     assert states.dtype == torch.float32 and states.device.type == "cpu"
     hidden = forward(unhooked, unhooked._encode(requests)).hidden_states
     for k, layer in enumerate(layers[:-1]):  # the last entry of hidden_states is after the final norm
@@ -96,7 +96,7 @@ def test_a_sample_alone_matches_its_row_in_a_padded_batch(unhooked: Any) -> None
 
 def test_bad_layers_are_refused(unhooked: Any) -> None:
     with pytest.raises(ValueError, match="out of range"):
-        unhooked.last_token_states(mixed_requests(), [unhooked.num_layers])
+        unhooked.last_token_states(mixed_requests(), [unhooked.decoder_size().num_layers])
     with pytest.raises(ValueError, match="at least one"):
         unhooked.last_token_states(mixed_requests(), [])
 
@@ -109,7 +109,7 @@ def test_zero_vectors_and_removed_hooks_are_bit_identical(unhooked: Any) -> None
     requests = mixed_requests()
     batch = unhooked._encode(requests)
     base = forward(unhooked, batch)
-    zeros = Edits({layer: torch.zeros(3, unhooked.hidden_size) for layer in (0, 2)}, ALL)
+    zeros = Edits({layer: torch.zeros(3, unhooked.decoder_size().hidden_size) for layer in (0, 2)}, ALL)
     with steering.edit_hooks(unhooked.model, zeros, batch["attention_mask"]):
         edited = forward(unhooked, batch)
     assert torch.equal(edited.logits, base.logits)
@@ -196,7 +196,7 @@ def test_hooks_are_removed_when_generation_fails(unhooked: Any) -> None:
 def test_bad_edits_are_refused_before_running(unhooked: Any) -> None:
     with pytest.raises(ValueError, match="expected"):
         unhooked.generate(mixed_requests(), GenerationParams(max_new_tokens=2),
-                              edits=Edits({0: torch.zeros(2, unhooked.hidden_size)}))
+                              edits=Edits({0: torch.zeros(2, unhooked.decoder_size().hidden_size)}))
     with pytest.raises(ValueError, match="out of range"):
         unhooked.generate(mixed_requests(), GenerationParams(max_new_tokens=2),
-                              edits=Edits({99: torch.zeros(3, unhooked.hidden_size)}))
+                              edits=Edits({99: torch.zeros(3, unhooked.decoder_size().hidden_size)}))

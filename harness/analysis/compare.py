@@ -24,7 +24,6 @@ from typing import Any
 from harness.errors import RunDirError
 from harness.analysis.metric_kinds import metric_info
 from harness.registry import tasks
-from harness.rejudge import load_cell, saved_cells
 from harness.schema import RunConfig, Verdict
 from harness.stats import McNemar, mcnemar, paired_bootstrap_diff
 from harness.store import Cell, RunDir, read_jsonl
@@ -84,34 +83,16 @@ class Comparison:
         return out
 
 
-def _run_config(rundir: RunDir) -> RunConfig:
-    info = rundir.load_run_info()
-    if info is None or "config" not in info:
-        raise RunDirError(f"{rundir.run_json}: missing or without a config; is {rundir.root} a realign run directory?")
-    return RunConfig.from_json(info["config"])
-
-
-def _judged(cell: Cell) -> list[str]:
-    """Judge specs with a verdict file in the cell (the spec is read from the first record)."""
-    folder = cell.dir / "verdicts"
-    out = []
-    for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
-        records = read_jsonl(path)
-        if records:
-            out.append(str(records[0]["judge"]))
-    return sorted(set(out))
-
-
 def cell_outcomes(run_dir: str | Path) -> list[CellOutcomes]:
     """Per-sample outcomes of every (model, defense, task, judge) cell saved in a run directory."""
     rundir = RunDir(Path(run_dir))
     if not rundir.root.is_dir():
         raise RunDirError(f"{rundir.root}: not a directory")
     out: list[CellOutcomes] = []
-    for cell in saved_cells(rundir, _run_config(rundir)):
+    for cell in rundir.saved_cells():
         task = tasks.build(cell.task)
-        samples, generations = load_cell(cell)
-        judge_specs: list[str | None] = list(_judged(cell)) if task.needs_judge else [None]
+        samples, generations = cell.load()
+        judge_specs: list[str | None] = sorted(cell.judged_specs()) if task.needs_judge else [None]
         for judge in judge_specs:
             verdicts = None
             if judge is not None:

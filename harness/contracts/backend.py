@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 from PIL import Image
 
@@ -102,33 +102,65 @@ class Edits:
 
 
 class Backend(ABC):
-    """A VLM. `supports_steering` backends also implement the residual-stream methods."""
+    """A VLM: chat requests in, completions out. Capabilities beyond that (reading and editing the
+    residual stream) are separate protocols a backend class may satisfy, so the plan can check them
+    on the class before any weights load."""
 
-    supports_steering: ClassVar[bool] = False
     spec: str = ""
 
     @abstractmethod
     def generate(
         self, requests: list[Request], params: GenerationParams, edits: Edits | None = None
     ) -> list[Completion]:
-        """One completion per request, in order."""
+        """One completion per request, in order. Only a `Steerable` backend accepts `edits`."""
 
     @abstractmethod
     def identity(self) -> dict[str, Any]:
         """What makes outputs reproducible: model id, revision, dtype... (recorded in results)."""
 
-    # Steering capability (HF backend). Defenses that need it check `supports_steering` first.
-    @property
-    def num_layers(self) -> int:
-        raise NotImplementedError(f"{type(self).__name__} does not expose decoder layers")
-
-    @property
-    def hidden_size(self) -> int:
-        raise NotImplementedError(f"{type(self).__name__} does not expose decoder layers")
-
-    def last_token_states(self, requests: list[Request], layers: list[int]) -> "torch.Tensor":
-        """[batch, len(layers), hidden] outputs of the given decoder layers at the last prompt token."""
-        raise NotImplementedError(f"{type(self).__name__} does not support steering")
+    def image_mean(self) -> tuple[float, ...] | None:
+        """The per-channel pixel mean (0-1) the model's image processor normalises with, when the
+        backend knows it; a defense that needs a "mean image" asks here rather than assuming CLIP's."""
+        return None
 
     def close(self) -> None:
         """Release resources (client sessions, GPU memory)."""
+
+
+class DecoderSize(NamedTuple):
+    num_layers: int
+    hidden_size: int
+
+
+@runtime_checkable
+class Steerable(Protocol):
+    """The steering capability: read decoder-layer states at the last prompt token, and generate
+    with per-sample additive edits (`generate(..., edits=...)`). Methods only, so that
+    `issubclass(BackendClass, Steerable)` works at plan time, before a model is loaded."""
+
+    def decoder_size(self) -> DecoderSize:
+        """Number of text-decoder layers and their hidden size."""
+        ...
+
+    def last_token_states(self, requests: list[Request], layers: list[int]) -> "torch.Tensor":
+        """[batch, len(layers), hidden] float32 outputs of the given decoder layers at the last prompt token."""
+        ...
+
+    def generate(
+        self, requests: list[Request], params: GenerationParams, edits: Edits | None = None
+    ) -> list[Completion]: ...
+
+
+#: Capability name (as a defense's `requires` names it) -> the protocol a backend class must satisfy,
+#: and what it means in an error message.
+CAPABILITIES: dict[str, tuple[type, str]] = {
+    "steering": (Steerable, "access to decoder layers (steering)"),
+}
+
+
+def missing_capabilities(backend_cls: type, required: frozenset[str]) -> list[str]:
+    """The capabilities in `required` that `backend_cls` does not offer (checked on the class)."""
+    unknown = sorted(set(required) - set(CAPABILITIES))
+    if unknown:
+        raise ValueError(f"unknown capabilities {unknown}; known: {', '.join(CAPABILITIES)}")
+    return [name for name in sorted(required) if not issubclass(backend_cls, CAPABILITIES[name][0])]

@@ -1,13 +1,17 @@
-"""The task contract: samples with stable ids, and metrics over generations and verdicts.
+"""The task contract: samples with stable ids, metrics over generations and verdicts, and what
+each metric means.
 
-A task never sees the model or the defense; it only reads the records they produced.
+A task never sees the model or the defense; it only reads the records they produced. It declares
+its metrics' meanings (`meanings`: kind, better direction, scale) so analysis never guesses from
+names (harness.contracts.meaning).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator, Mapping
 
+from harness.contracts.meaning import COMMON, UNDECLARED, MetricMeaning, lookup
 from harness.schema import Generation, MetricValue, Sample, Verdict
 
 
@@ -15,6 +19,9 @@ class Task(ABC):
     Params: ClassVar[type]
     #: Safety tasks score verdicts; utility tasks parse answers themselves and need no judge.
     needs_judge: ClassVar[bool] = True
+    #: Metric name or glob pattern -> its meaning; an exact name wins over patterns, patterns match in
+    #: order. A metric the table does not cover is recorded as `other` (shown, never ranked).
+    meanings: ClassVar[Mapping[str, MetricMeaning]] = {}
     spec: str = ""
 
     def __init__(self, params: Any) -> None:
@@ -32,6 +39,11 @@ class Task(ABC):
         verdicts: dict[str, Verdict] | None,
     ) -> dict[str, MetricValue]:
         """Metrics keyed by name (e.g. `asr`, `asr/Hate Speech`), each with a 95% interval."""
+
+    def metric_meanings(self, metrics: Mapping[str, MetricValue]) -> dict[str, MetricMeaning]:
+        """The meaning of each metric this cell produced (written into results.json). Override to
+        compute a scale from the metrics present (e.g. MME totals: 200 points per subtask run)."""
+        return {name: lookup(name, self.meanings) or lookup(name, COMMON) or UNDECLARED for name in metrics}
 
     def per_sample(
         self,

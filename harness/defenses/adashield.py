@@ -19,23 +19,20 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from harness.contracts.defense import Defense, DefenseContext, sample_request
-from harness.defenses.adashield_pool import Pool, PoolTrainer, TrainConfig, embed_entries, pool_fingerprint
+from pathlib import Path
+
+from harness.contracts.backend import Backend, GenerationParams
+from harness.contracts.defense import CalibrationPlan, CalibrationSet, Defense, FittedState, generation, sample_request
+from harness.defenses.adashield_pool import Pool, PoolTrainer, TrainConfig, backend_key, embed_entries, pool_fingerprint
 from harness.defenses.clip_embed import DEFAULT_CLIP, ClipEmbedder
 from harness.defenses.prompts import ADASHIELD_STATIC, load_prompt, place_prompt, prompt_digest
 from harness.defenses.vectors import calibration_record
 from harness.errors import DataError
-from harness.contracts.backend import Backend, GenerationParams
+from harness.refusal import RefusalMatcher, check_preset, preset_identity
 from harness.registry import defense
 from harness.schema import Generation, Sample
 
 log = logging.getLogger(__name__)
-
-
-def backend_key(backend: Backend) -> dict[str, Any]:
-    """Which model a pool was trained against (API backends have no layer counts to record)."""
-    ident = backend.identity()
-    return {"spec": backend.spec, "model": ident.get("model") or ident.get("pretrained"), "revision": ident.get("revision")}
 
 
 def same_clip(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -91,10 +88,7 @@ class AdaShield(Defense):
             if self.defender in ("openai", "hf") and self.defender_model == "":
                 raise ValueError("defender_model must not be empty")
             if self.keywords_file is None:
-                from judges.keyword_presets import PRESETS
-
-                if self.keywords not in PRESETS:
-                    raise ValueError(f"unknown keywords preset {self.keywords!r}; valid: {', '.join(sorted(PRESETS))}")
+                check_preset(self.keywords)
 
     def __init__(self, params: Params) -> None:
         super().__init__(params)
@@ -129,24 +123,30 @@ class AdaShield(Defense):
 
         return load_backend(p.defender_model), True
 
-    def fit(self, backend: Backend, calibration: dict[str, tuple[str, list[Sample]]],
-            batch_size: int = 8, progress: bool = False) -> Pool:
-        """Train the prompt pool on harmful samples (--calibration SPEC); scenario = sample category."""
-        from judges.keywords import KeywordJudge
+    def calibration(self) -> CalibrationPlan | None:
+        p = self.params
+        if p.mode != "adaptive":
+            return None
+        return CalibrationPlan(kind="adashield", file=p.pool, allow_overlap=p.allow_overlap, missing=(
+            "adashield mode=adaptive needs pool=FILE (train one with `realign fit --defense "
+            "adashield:mode=adaptive,defender_model=... --calibration TASK_SPEC --out FILE`)"))
 
+    def fit(self, backend: Backend, sets: dict[str, CalibrationSet], batch_size: int = 8,
+            progress: bool = False) -> Pool:
+        """Train the prompt pool on harmful samples (--calibration SPEC); scenario = sample category."""
         p = self.params
         if p.mode != "adaptive":
             raise DataError("adashield mode=static has nothing to fit; use --defense adashield:mode=adaptive,...")
-        role = next((r for r in ("unsafe", "anchor") if r in calibration), None)
-        if role is None or not calibration[role][1]:
+        role = next((r for r in ("unsafe", "anchor") if r in sets), None)
+        if role is None or not sets[role].samples:
             raise DataError("adashield pool training needs harmful samples: --calibration TASK_SPEC")
-        spec, samples = calibration[role]
-        judge = KeywordJudge(KeywordJudge.Params(preset=p.keywords, file=p.keywords_file))
+        spec, samples = sets[role].spec, sets[role].samples
+        refusals = RefusalMatcher.named(p.keywords, p.keywords_file, case_sensitive=True)
         embedder = ClipEmbedder(p.clip or DEFAULT_CLIP, p.clip_device)
         defender, owned = self._defender(backend)
         cfg = TrainConfig(self.prompt, p.placement, p.rounds, p.keep_threshold, p.val_fraction, p.split_seed,
                           p.fit_max_new_tokens, p.defender_max_new_tokens, p.defender_temperature, batch_size)
-        trainer = PoolTrainer(backend, defender, judge.match, cfg, progress)
+        trainer = PoolTrainer(backend, defender, refusals.match, cfg, progress)
         try:
             entries, report = trainer.train(samples)
         finally:
@@ -158,7 +158,7 @@ class AdaShield(Defense):
             "target": backend_key(backend),
             "defender": {"kind": p.defender, **({} if p.defender == "target" else defender.identity())},
             "clip": embedder.identity(),
-            "keywords": judge.identity(),
+            "keywords": preset_identity(refusals.preset),
             "settings": {"placement": p.placement, "rounds": p.rounds, "keep_threshold": p.keep_threshold,
                          "val_fraction": p.val_fraction, "split_seed": p.split_seed,
                          "fit_max_new_tokens": p.fit_max_new_tokens, "defender_max_new_tokens": p.defender_max_new_tokens,
@@ -172,33 +172,22 @@ class AdaShield(Defense):
         return Pool(entries, image, text, manifest)
 
     # ---- adaptive: loading -----------------------------------------------------------------------
-    def prepare(self, backend: Backend, context: DefenseContext) -> None:
+    def load_state(self, path: str | Path) -> FittedState:
+        return Pool.load(path)
+
+    def use_state(self, state: FittedState, backend: Backend) -> None:
+        """Install the pool with the CLIP model it was embedded with (another CLIP would make the
+        similarities meaningless)."""
+        assert isinstance(state, Pool)
         p = self.params
-        if p.mode != "adaptive":
-            return
-        if not p.pool:
-            raise DataError("adashield mode=adaptive needs pool=FILE (train one with `realign fit --defense "
-                            "adashield:mode=adaptive,defender_model=... --calibration TASK_SPEC --out FILE`)")
-        pool = Pool.load(p.pool)
-        clip_ident = pool.manifest.get("clip") or {}
+        clip_ident = state.manifest.get("clip") or {}
         name = p.clip or clip_ident.get("model") or DEFAULT_CLIP
-        embedder = ClipEmbedder(name, p.clip_device, batch_size=max(context.batch_size, 1))
+        embedder = ClipEmbedder(name, p.clip_device)
         mine = embedder.identity()
         if clip_ident and not same_clip(clip_ident, mine):
             raise DataError(f"adashield pool {p.pool} was embedded with CLIP {clip_ident}, not {mine}: "
                             "similarities would be meaningless; use the pool's CLIP model (leave clip= unset)")
-        calib = set(pool.manifest.get("calibration", {}).get("ids", []))
-        overlap = sorted(calib & set(context.eval_ids))
-        if overlap and not p.allow_overlap:
-            raise DataError(f"adashield pool {p.pool} was trained on {len(overlap)} evaluation sample(s) "
-                            f"(e.g. {overlap[0]!r}); train on other data, or pass allow_overlap=true")
-        trained_on = (pool.manifest.get("target") or {}).get("model")
-        if trained_on and trained_on != backend_key(backend)["model"]:
-            log.warning("adashield pool %s was trained against %s, not %s (prompts transfer, but say so)",
-                        p.pool, trained_on, backend_key(backend)["model"])
-        if not pool.entries:
-            log.warning("adashield pool %s is empty: no prompt will ever be applied", p.pool)
-        self.pool, self.embedder = pool, embedder
+        self.pool, self.embedder = state, embedder
 
     # ---- generation ----------------------------------------------------------------------------
     def choose(self, samples: list[Sample]) -> list[dict[str, Any]]:
@@ -238,11 +227,6 @@ class AdaShield(Defense):
             trace = {"model_calls": 1, "mode": self.params.mode, "placement": self.params.placement, **choice}
             if choice["defense_prompt"] is not None:
                 trace["prompt_sha256"] = prompt_digest(choice["defense_prompt"])
-            timings = {"seconds": per_sample}
-            if self.params.mode == "adaptive":
-                timings["retrieval_seconds"] = retrieval
-            out.append(Generation(
-                sample_id=s.id, output=c.text, prompt=r.to_json(), trace=trace, timings=timings,
-                tokens={"prompt": c.prompt_tokens, "completion": c.completion_tokens}, error=c.error,
-            ))
+            extra = {"retrieval_seconds": retrieval} if self.params.mode == "adaptive" else {}
+            out.append(generation(s, r, c, per_sample, trace, **extra))
         return out

@@ -87,6 +87,21 @@ class Pool:
         best, index = sim.max(dim=1)
         return [int(i) for i in index], [float(s) for s in best]
 
+    # ---- the FittedState contract --------------------------------------------------------------
+    def calibration_ids(self) -> set[str]:
+        return set(self.manifest.get("calibration", {}).get("ids", []))
+
+    def check_model(self, backend: Backend, where: str) -> None:
+        """A pool trained against another target still applies (prompts transfer) but is worth a
+        warning; a pool with no entry would silently change nothing, so that is said too."""
+        trained_on = (self.manifest.get("target") or {}).get("model")
+        mine = backend_key(backend)["model"]
+        if trained_on and trained_on != mine:
+            log.warning("adashield pool %s was trained against %s, not %s (prompts transfer, but say so)",
+                        where, trained_on, mine)
+        if not self.entries:
+            log.warning("adashield pool %s is empty: no prompt will ever be applied", where)
+
     # ---- files ---------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Embeddings at `path` (safetensors), entries and manifest at `path`.json; atomic writes."""
@@ -138,6 +153,12 @@ class Pool:
         if not torch.equal(pool.has_image, tensors["has_image"].bool()):
             raise DataError(f"adashield pool {sidecar}: has_image flags disagree with the embeddings")
         return pool
+
+
+def backend_key(backend: Backend) -> dict[str, Any]:
+    """Which model a pool was trained against (API backends have no layer counts to record)."""
+    ident = backend.identity()
+    return {"spec": backend.spec, "model": ident.get("model") or ident.get("pretrained"), "revision": ident.get("revision")}
 
 
 def pool_fingerprint(path: str | Path) -> str | None:

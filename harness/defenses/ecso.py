@@ -25,7 +25,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.contracts.defense import Defense, sample_request, timed_generate
+from harness.contracts.defense import Defense, generation, sample_request, timed_generate
 from harness.defenses.prompts import (
     ECSO_ANSWER_FROM_CAPTION,
     ECSO_ANSWER_TEXT_ONLY,
@@ -164,12 +164,8 @@ class ECSO(Defense):
             st.request, st.output, st.trace["final_answer"] = req, ans or "", ans
 
     def _generation(self, st: _State) -> Generation:
-        return Generation(
-            sample_id=st.sample.id,
-            output=st.output if st.error is None else "",
-            prompt=st.request.to_json() if st.request is not None else [],
-            trace={"model_calls": st.calls, **st.trace, "caption_tokens": st.generated.get("caption", 0)},
-            timings={"seconds": sum(st.seconds.values()), **{f"{k}_seconds": v for k, v in st.seconds.items()}},
-            tokens={"prompt": st.prompt_tokens, "completion": st.completion_tokens},
-            error=st.error,
-        )
+        """A sample's record: the last request that produced its output, tokens and time summed over steps."""
+        summed = Completion(st.output if st.error is None else "", st.prompt_tokens, st.completion_tokens, st.error)
+        trace = {"model_calls": st.calls, **st.trace, "caption_tokens": st.generated.get("caption", 0)}
+        return generation(st.sample, st.request, summed, sum(st.seconds.values()), trace,
+                          **{f"{k}_seconds": v for k, v in st.seconds.items()})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.contracts.defense import Defense, sample_request, timed_generate
+from harness.contracts.defense import Defense, generation, sample_request, timed_generate
 from harness.contracts.backend import Backend, GenerationParams
 from harness.registry import defense
 from harness.schema import Generation, Sample
@@ -21,15 +21,4 @@ class NoDefense(Defense):
     def generate(self, backend: Backend, samples: list[Sample], params: GenerationParams) -> list[Generation]:
         requests = [sample_request(s) for s in samples]
         completions, per_sample = timed_generate(backend, requests, params)
-        return [
-            Generation(
-                sample_id=s.id,
-                output=c.text,
-                prompt=r.to_json(),
-                trace={"model_calls": 1},
-                timings={"seconds": per_sample},
-                tokens={"prompt": c.prompt_tokens, "completion": c.completion_tokens},
-                error=c.error,
-            )
-            for s, r, c in zip(samples, requests, completions)
-        ]
+        return [generation(s, r, c, per_sample, {"model_calls": 1}) for s, r, c in zip(samples, requests, completions)]

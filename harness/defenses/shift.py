@@ -1,5 +1,5 @@
 """Shared pieces of the representation defenses: reference images, batched state differences,
-and how per-layer shifts turn into edit vectors.
+text-only states, and how per-layer shifts turn into edit vectors.
 """
 
 from __future__ import annotations
@@ -9,11 +9,12 @@ from typing import Literal
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from harness.contracts.backend import Backend, Request, user_request
 
 BlankKind = Literal["blank", "noise", "mean"]
-# CLIP's per-channel pixel mean, used when the processor does not expose its own.
+# CLIP's per-channel pixel mean, used only when the backend does not know its processor's own.
 DEFAULT_MEAN_RGB = (0.48145466, 0.4578275, 0.40821073)
 
 
@@ -35,13 +36,23 @@ def state_difference(
     backend: Backend, first: list[Request], second: list[Request], layers: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(first - second, first, second) last-prompt-token states, both sides in one batched forward."""
-    states = backend.last_token_states(first + second, layers).float()
+    states = backend.last_token_states(first + second, layers).float()  # type: ignore[attr-defined]
     a, b = states[: len(first)], states[len(first) :]
     return a - b, a, b
 
 
 def text_only(text: str) -> Request:
     return user_request(text)
+
+
+def text_states(backend: Backend, texts: list[str], layers: list[int], batch_size: int, desc: str,
+                progress: bool) -> torch.Tensor:
+    """[n, len(layers), hidden] last-prompt-token states of text-only requests, in batches."""
+    chunks = []
+    for start in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress, unit="batch"):
+        batch = texts[start : start + batch_size]
+        chunks.append(backend.last_token_states([text_only(t) for t in batch], layers).float())  # type: ignore[attr-defined]
+    return torch.cat(chunks)
 
 
 def layer_vectors(shift: torch.Tensor, layers: list[int], accumulate: str) -> torch.Tensor:

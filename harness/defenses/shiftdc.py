@@ -4,33 +4,32 @@ Only the safety-relevant part of the modality-induced shift is removed. Per laye
   s^l = mean h^l(safe text) - mean h^l(unsafe text)            (fitted once, text only)
   m^l = h^l(query, image) - h^l(query + caption, no image)       (per input, unsteered)
   c^l = α · (m^l·s^l / ||s^l||²) · s^l ;  h^l <- h^l - c^l
-The caption is written by the evaluated VLM with a query-aware prompt. Both sides use the
-chat template, and left padding is handled by the backend (two quirks of the public code that
-this implementation does not share).
+The caption is written by the evaluated VLM with a query-aware prompt. As in the paper and its
+public code, s^l is fitted on the same text-only form as m^l's text side (`direction_input=
+query_caption`: each calibration sample with an image is captioned by the model, batched, and the
+captions are kept in the fitted file's manifest); `direction_input=query` fits on the bare request.
+The public code edits only the last prompt token during prefill, once per layer (`positions=
+prefill_only`); editing every generated token too is an option of this harness, not of any
+published commit. Both sides use the chat template, and left padding is handled by the backend
+(two quirks of the public code that this implementation does not share).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-import time
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from tqdm import tqdm
 
-from harness.contracts.defense import Defense, DefenseContext, sample_request
-from harness.defenses.layers import parse_layers
-from harness.defenses.shift import state_difference, text_only
-from harness.defenses.vectors import FittedVectors, calibration_record, model_key
+from harness.contracts.backend import Backend, Completion, GenerationParams, user_request
+from harness.contracts.defense import CalibrationPlan, CalibrationSet, FittedState, sample_request
+from harness.defenses.shift import state_difference, text_only, text_states
+from harness.defenses.steering_base import Steer, SteeringDefense, round_list
+from harness.defenses.vectors import FittedVectors
 from harness.errors import DataError
-from harness.contracts.backend import Backend, Completion, Edits, GenerationParams, user_request
 from harness.registry import defense
-from harness.schema import Generation, Sample
+from harness.schema import Sample
 
-log = logging.getLogger(__name__)
 KIND = "shiftdc-direction"
 
 # Our wording. The caption asks for what in the image bears on the request; the text-only twin
@@ -40,29 +39,23 @@ TEXT_WITH_CAPTION = "{query}\nImage description: {caption}"
 POSITION_SETS = {"last_prompt+generated": frozenset({"last_prompt", "generated"}), "prefill_only": frozenset({"last_prompt"})}
 
 
-def text_states(backend: Backend, texts: list[str], layers: list[int], batch_size: int, desc: str, progress: bool) -> torch.Tensor:
-    chunks = []
-    for start in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress, unit="batch"):
-        batch = texts[start : start + batch_size]
-        chunks.append(backend.last_token_states([text_only(t) for t in batch], layers).float())
-    return torch.cat(chunks)
-
-
 @defense("shiftdc")
-class ShiftDC(Defense):
+class ShiftDC(SteeringDefense):
     """ShiftDC: subtract the projection of the image-induced shift on a text-only safety direction."""
 
-    requires = frozenset({"steering"})
+    vectors_kind = KIND
+    norms_key = "correction_norms"
 
     @dataclass
     class Params:
-        # Defaults chosen by `realign sweep` on the model organism (docs/organism_readme.md): the most
-        # refusal restored with an image while benign helpfulness drops by at most 0.05. Before the
-        # sweep: alpha=1 (the paper has none), layers=half (the paper's L//2..L-1) and
-        # last_prompt+generated (the public code's later commit; its first version edited prefill only).
+        # alpha and positions were chosen by `realign sweep` on the model organism (README, "Choosing
+        # the CMRM and ShiftDC defaults"): the most refusal restored with an image while benign
+        # helpfulness drops by at most 0.05. The sweep picked the organism's last layer, its top
+        # quarter; stated relative to depth (`top:0.25`) it means the same share of any model.
         alpha: float = 0.75
-        layers: str = "last"
+        layers: str = "top:0.25"
         positions: Literal["last_prompt+generated", "prefill_only"] = "prefill_only"
+        direction_input: Literal["query_caption", "query"] = "query_caption"
         caption_max_new_tokens: int = 128
         direction: str | None = None
         calibration_unsafe: str | None = None
@@ -76,61 +69,71 @@ class ShiftDC(Defense):
             if self.caption_max_new_tokens < 1:
                 raise ValueError("caption_max_new_tokens must be at least 1")
 
-    def __init__(self, params: Params) -> None:
-        super().__init__(params)
-        self.fitted: FittedVectors | None = None
+    def positions(self) -> frozenset[str]:
+        return POSITION_SETS[self.params.positions]
 
-    def fit(self, backend: Backend, calibration: dict[str, tuple[str, list[Sample]]],
-            batch_size: int = 8, progress: bool = False) -> FittedVectors:
+    # ---- calibration -----------------------------------------------------------------------
+    def _fit_params(self) -> dict[str, object]:
+        p = self.params
+        out: dict[str, object] = {"direction_input": p.direction_input}
+        if p.direction_input == "query_caption":
+            out["caption_max_new_tokens"] = p.caption_max_new_tokens
+        return out
+
+    def calibration(self) -> CalibrationPlan:
+        p = self.params
+        sets = {"unsafe": p.calibration_unsafe, "safe": p.calibration_safe} if p.calibration_unsafe else {}
+        return CalibrationPlan(
+            kind="shiftdc", file=p.direction, sets=sets, limit=p.calibration_limit,  # type: ignore[arg-type]
+            allow_overlap=p.allow_overlap, fit_key=self._fit_params(),
+            missing="shiftdc needs direction=FILE (from `realign fit`) or "
+                    "calibration_unsafe=TASK_SPEC and calibration_safe=TASK_SPEC")
+
+    def direction_texts(self, backend: Backend, samples: list[Sample], batch_size: int) -> tuple[list[str], dict[str, str]]:
+        """The text-only inputs s^l is fitted on, and the captions written for them.
+
+        `query_caption`: a sample with an image becomes `{text}\nImage description: {caption}` (the
+        form of m^l's text side); `query` (or a sample without an image): the bare request."""
+        if self.params.direction_input == "query":
+            return [s.query for s in samples], {}
+        with_image = [s for s in samples if s.image is not None]
+        captions: dict[str, str] = {}
+        for start in range(0, len(with_image), batch_size):
+            batch = with_image[start : start + batch_size]
+            captions.update({s.id: c.text.strip() for s, c in zip(batch, self.captions(backend, batch))})
+        texts = [TEXT_WITH_CAPTION.format(query=s.text, caption=captions[s.id]) if s.id in captions else s.query
+                 for s in samples]
+        return texts, captions
+
+    def fit(self, backend: Backend, sets: dict[str, CalibrationSet], batch_size: int = 8,
+            progress: bool = False) -> FittedVectors:
         """s^l = mean(safe) - mean(unsafe) text-only last-prompt-token states, every layer."""
-        missing = [k for k in ("unsafe", "safe") if k not in calibration or not calibration[k][1]]
+        missing = [k for k in ("unsafe", "safe") if k not in sets or not sets[k].samples]
         if missing:
             raise DataError(f"shiftdc fit needs non-empty {' and '.join(missing)} calibration set(s) "
                             "(--calibration-unsafe SPEC --calibration-safe SPEC)")
-        layers = list(range(backend.num_layers))
-        (unsafe_spec, unsafe), (safe_spec, safe) = calibration["unsafe"], calibration["safe"]
-        h_unsafe = text_states(backend, [s.query for s in unsafe], layers, batch_size, "shiftdc fit (unsafe)", progress)
-        h_safe = text_states(backend, [s.query for s in safe], layers, batch_size, "shiftdc fit (safe)", progress)
-        direction = h_safe.mean(0) - h_unsafe.mean(0)
-        manifest = {
-            "defense": "shiftdc",
-            "model_key": model_key(backend),
-            "params": {},
-            "calibration": calibration_record(f"unsafe={unsafe_spec};safe={safe_spec}", [s.id for s in unsafe + safe]),
-            "calibration_unsafe": {"spec": unsafe_spec, "n": len(unsafe)},
-            "calibration_safe": {"spec": safe_spec, "n": len(safe)},
-            "direction_norm_per_layer": [round(float(x), 6) for x in direction.norm(dim=-1)],
-        }
-        return FittedVectors(KIND, direction, manifest)
+        layers = list(range(backend.decoder_size().num_layers))  # type: ignore[attr-defined]
+        means, captions = {}, {}
+        for role in ("unsafe", "safe"):
+            texts, caps = self.direction_texts(backend, sets[role].samples, batch_size)
+            captions.update(caps)
+            means[role] = text_states(backend, texts, layers, batch_size, f"shiftdc fit ({role})", progress).mean(0)
+        direction = means["safe"] - means["unsafe"]
+        return self.fitted_vectors(
+            backend, direction, {"unsafe": sets["unsafe"], "safe": sets["safe"]}, params=self._fit_params(),
+            captions=captions, direction_norm_per_layer=[round(float(x), 6) for x in direction.norm(dim=-1)])
 
-    def prepare(self, backend: Backend, context: DefenseContext) -> None:
-        p = self.params
-        if p.direction:
-            fitted, where = FittedVectors.load(p.direction, KIND), p.direction
-        elif p.calibration_unsafe and p.calibration_safe:
-            from harness.registry import tasks
-            from harness.runner import load_samples
+    def use_state(self, state: FittedState, backend: Backend) -> None:
+        """Refuse a direction fitted on another input form than configured (files from before this
+        option existed were fitted on the bare query)."""
+        fitted_on = (state.manifest.get("params") or {}).get("direction_input", "query")
+        if fitted_on != self.params.direction_input:
+            raise DataError(f"the shiftdc direction was fitted with direction_input={fitted_on}, but this run "
+                            f"asks for direction_input={self.params.direction_input}; set it to {fitted_on} "
+                            "or fit a new direction")
+        super().use_state(state, backend)
 
-            key = json.dumps([p.calibration_unsafe, p.calibration_safe, p.calibration_limit, model_key(backend)])
-            path = context.cache_dir / f"shiftdc-{hashlib.sha256(key.encode()).hexdigest()[:12]}.safetensors"
-            if path.exists():
-                fitted = FittedVectors.load(path, KIND)
-            else:
-                calib = {}
-                for name, spec in (("unsafe", p.calibration_unsafe), ("safe", p.calibration_safe)):
-                    task = tasks.build(spec)
-                    calib[name] = (task.spec, load_samples(task, p.calibration_limit))
-                fitted = self.fit(backend, calib, context.batch_size, context.progress)
-                fitted.save(path)
-                log.info("shiftdc: fitted safety direction cached at %s", path)
-            where = str(path)
-        else:
-            raise DataError("shiftdc needs direction=FILE (from `realign fit`) or "
-                            "calibration_unsafe=TASK_SPEC and calibration_safe=TASK_SPEC")
-        fitted.check_model(backend, where)
-        fitted.check_overlap(context.eval_ids, p.allow_overlap, where)
-        self.fitted = fitted
-
+    # ---- generation ------------------------------------------------------------------------
     def captions(self, backend: Backend, samples: list[Sample]) -> list[Completion]:
         """Query-aware captions by the evaluated VLM itself, one batched greedy generate."""
         requests = [user_request(CAPTION_PROMPT.format(query=s.text), s.image) for s in samples]  # type: ignore[arg-type]
@@ -139,20 +142,16 @@ class ShiftDC(Defense):
 
     def corrections(self, backend: Backend, samples: list[Sample], captions: list[str], layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(corrections [B, k, H], projection coefficients [B, k]) from unsteered states."""
-        assert self.fitted is not None
         vl = [sample_request(s) for s in samples]
         tt = [text_only(TEXT_WITH_CAPTION.format(query=s.text, caption=c)) for s, c in zip(samples, captions)]
         shift, _, _ = state_difference(backend, vl, tt, layers)  # [B, k, H]
-        s = self.fitted.vectors[layers]  # [k, H]
+        s = self.fitted().vectors[layers]  # [k, H]
         coef = (shift * s).sum(-1) / (s * s).sum(-1).clamp_min(1e-12)  # [B, k]
         return self.params.alpha * coef[..., None] * s, coef
 
-    def generate(self, backend: Backend, samples: list[Sample], params: GenerationParams) -> list[Generation]:
-        if self.fitted is None:
-            raise RuntimeError("shiftdc: prepare() was not called before generate()")
-        start = time.perf_counter()
-        layers = parse_layers(self.params.layers, backend.num_layers)
-        hidden = backend.hidden_size
+    def steer(self, backend: Backend, samples: list[Sample], layers: list[int]) -> Steer:
+        self.fitted()
+        hidden = backend.decoder_size().hidden_size  # type: ignore[attr-defined]
         corr = torch.zeros(len(samples), len(layers), hidden)
         coefs = torch.zeros(len(samples), len(layers))
         captions: list[str | None] = [None] * len(samples)
@@ -166,30 +165,10 @@ class ShiftDC(Defense):
             corr[idx], coefs[idx] = c, k
             for i, cap, text in zip(idx, caps, texts):
                 captions[i], caption_tokens[i] = text, cap.completion_tokens
-        edits = Edits({l: -corr[:, j, :] for j, l in enumerate(layers)}, POSITION_SETS[self.params.positions])
-        requests = [sample_request(s) for s in samples]
-        completions = backend.generate(requests, params, edits=edits)
-        per_sample = (time.perf_counter() - start) / max(len(samples), 1)
-        norms = corr.norm(dim=-1)
-        out = []
-        for i, (s, r, c) in enumerate(zip(samples, requests, completions)):
+        traces = []
+        for i in range(len(samples)):
             applied = captions[i] is not None
-            out.append(Generation(
-                sample_id=s.id,
-                output=c.text,
-                prompt=r.to_json(),
-                trace={
-                    "model_calls": 2 if applied else 1,
-                    "extra_forward_passes": 2 if applied else 0,
-                    "applied": applied,
-                    "caption": captions[i],
-                    "caption_tokens": caption_tokens[i],
-                    "layers": layers,
-                    "projection_coefficients": [round(float(x), 6) for x in coefs[i]],
-                    "correction_norms": [round(float(x), 6) for x in norms[i]],
-                },
-                timings={"seconds": per_sample},
-                tokens={"prompt": c.prompt_tokens, "completion": c.completion_tokens},
-                error=c.error,
-            ))
-        return out
+            traces.append({"model_calls": 2 if applied else 1, "extra_forward_passes": 2 if applied else 0,
+                           "applied": applied, "caption": captions[i], "caption_tokens": caption_tokens[i],
+                           "projection_coefficients": round_list(coefs[i])})
+        return Steer(-corr, traces)

@@ -1,4 +1,4 @@
-"""Fitted per-layer vectors (CMRM shifts, ShiftDC safety directions): save, load, check.
+"""Fitted per-layer vectors (CMRM shifts, ShiftDC safety directions): a `FittedState` to save, load, check.
 
 A file is safetensors (tensor `vectors`: [num_layers, hidden]) plus a JSON manifest, stored
 both in the safetensors metadata and beside it (`<file>.json`) for humans. The manifest names
@@ -33,11 +33,12 @@ def ids_digest(ids: Iterable[str]) -> str:
 def model_key(backend: Backend) -> dict[str, Any]:
     """The parts of a backend's identity a fitted file must match."""
     ident = backend.identity()
+    size = backend.decoder_size()  # type: ignore[attr-defined]  (steering defenses only)
     return {
         "model": ident.get("pretrained") or ident.get("model") or backend.spec,
         "revision": ident.get("revision"),
-        "num_layers": backend.num_layers,
-        "hidden_size": backend.hidden_size,
+        "num_layers": size.num_layers,
+        "hidden_size": size.hidden_size,
     }
 
 
@@ -77,9 +78,9 @@ class FittedVectors:
             raise DataError(f"vector file {path} holds {manifest.get('kind')!r} vectors, not {kind!r}")
         return cls(kind, tensors["vectors"].float(), manifest)
 
-    def check_model(self, backend: Backend, path: str | Path | None = None) -> None:
+    def check_model(self, backend: Backend, where: str | Path | None = None) -> None:
         """Refuse vectors fitted on another model, layer count or hidden size."""
-        where = f"vector file {path}" if path else "fitted vectors"
+        where = f"vector file {where}" if where else "fitted vectors"
         want = model_key(backend)
         have = self.manifest.get("model_key", {})
         for key in ("num_layers", "hidden_size", "model", "revision"):
@@ -92,15 +93,8 @@ class FittedVectors:
             raise DataError(f"{where} has shape {tuple(self.vectors.shape)}, expected "
                             f"({want['num_layers']}, {want['hidden_size']})")
 
-    def check_overlap(self, eval_ids: frozenset[str], allow: bool, path: str | Path | None = None) -> None:
-        calib = set(self.manifest.get("calibration", {}).get("ids", []))
-        overlap = sorted(calib & set(eval_ids))
-        if overlap and not allow:
-            where = f"vector file {path}" if path else "the calibration set"
-            raise DataError(
-                f"{where} was fitted on {len(overlap)} evaluation sample(s) (e.g. {overlap[0]!r}); "
-                "calibrate on other data, or pass allow_overlap=true to accept this"
-            )
+    def calibration_ids(self) -> set[str]:
+        return set(self.manifest.get("calibration", {}).get("ids", []))
 
 
 def manifest_path(path: Path) -> Path:

@@ -24,7 +24,7 @@ from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 
 from harness.errors import ModelLoadError
 from harness.models import steering
-from harness.contracts.backend import Backend, Completion, Edits, GenerationParams, Request
+from harness.contracts.backend import Backend, Completion, DecoderSize, Edits, GenerationParams, Request
 from harness.registry import backend
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -33,9 +33,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "org/name" (or a leg
 
 @backend("hf")
 class HFBackend(Backend):
-    """A transformers vision-language model (AutoModelForImageTextToText) with steering."""
-
-    supports_steering = True
+    """A transformers vision-language model (AutoModelForImageTextToText); Steerable."""
 
     @dataclass
     class Params:
@@ -106,19 +104,22 @@ class HFBackend(Backend):
             ident["folder_hash"] = folder_fingerprint(folder)
         return ident
 
+    def image_mean(self) -> tuple[float, ...] | None:
+        """The image processor's own normalisation mean (CLIP's for LLaVA, 0.5 for Idefics3/SmolVLM...)."""
+        mean = getattr(getattr(self.processor, "image_processor", None), "image_mean", None)
+        if mean is None:
+            return None
+        values = [float(x) for x in (mean if isinstance(mean, (list, tuple)) else [mean] * 3)]
+        return tuple(values * 3 if len(values) == 1 else values)
+
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
     # ---- steering capability ----------------------------------------------------------------
-    @property
-    def num_layers(self) -> int:
-        return len(steering.decoder_layers(self.model))
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.model.config.get_text_config().hidden_size)
+    def decoder_size(self) -> DecoderSize:
+        return DecoderSize(len(steering.decoder_layers(self.model)), int(self.model.config.get_text_config().hidden_size))
 
     def last_token_states(self, requests: list[Request], layers: list[int]) -> torch.Tensor:
         return steering.last_token_states(self.model, self._encode(requests), layers)

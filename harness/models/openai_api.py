@@ -1,73 +1,34 @@
 """OpenAI-compatible chat backend (OpenAI, vLLM, TGI, llama.cpp server, ...).
 
 Why it looks the way it does:
-- The official `openai` AsyncOpenAI client does the HTTP, with its own retries off: our
-  `retry_async` loop owns retries so the policy (429/5xx/timeouts/connection errors/garbled
-  bodies retried; other 4xx not) is the same for every remote component and set by the spec.
+- Everything about talking to the server (key from `api_key_env` held as a masked secret and
+  scrubbed from every message, placeholder key for local endpoints, our own retry policy,
+  per-attempt timeout, concurrency bound, response parsing) lives in `harness.models.remote`,
+  shared with the judges; this module only maps the backend contract onto it.
 - One failed request never stops a run: it becomes `Completion(text="", error=...)` and the
   sample is recorded as an error.
-- The API key is read from the environment variable the spec names (`api_key_env`), held in a
-  `Secret` whose repr is masked, and scrubbed from every error string and log line we produce.
-  Identity records the variable's *name*, never its value.
-- Missing key: a `ModelLoadError` naming the variable, except for a local endpoint
-  (localhost / 127.0.0.0/8 / ::1), where servers such as vLLM accept any key; there we send the
-  placeholder `LOCAL_PLACEHOLDER_KEY` and log that we did.
-- A fresh AsyncOpenAI client is made per `agenerate` call and closed after it, because its
-  connection pool is bound to the event loop it was first used on, and the sync `generate`
-  runs each batch in its own loop.
+- Identity records the key variable's *name* and the public URL, never the key.
 
-`image_data_uri`, `to_openai_messages`, `classify_openai_error` and `redact` are public so the
-LLM judge can build the same requests and apply the same retry policy.
+`image_data_uri`, `to_openai_messages` and `sampling_kwargs` turn the backend contract's
+requests (PIL images in transformers-style messages) and decoding settings into chat-completion
+arguments; they are public so other components can build the same requests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import concurrent.futures
 import io
-import ipaddress
-import logging
-import os
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from PIL import Image
 
-from harness.errors import CapabilityError, ModelLoadError
+from harness.errors import CapabilityError
 from harness.images import load_image
 from harness.contracts.backend import Backend, Completion, Edits, GenerationParams, Message, Request
-from harness.models.retry import RetryPolicy, Transient, parse_retry_after, retry_async
+from harness.models.remote import ChatSession, RemoteChat, RequestFailed, public_url, run_sync
 from harness.registry import backend
-
-log = logging.getLogger(__name__)
-
-DEFAULT_BASE_URL = "https://api.openai.com/v1"
-LOCAL_PLACEHOLDER_KEY = "sk-local-no-key"
-RETRY_STATUSES = frozenset({408, 409, 429}) | frozenset(range(500, 600))
-
-
-class Secret:
-    """A string that does not print itself (repr/str are masked); `.value` reveals it."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: str) -> None:
-        self.value = value
-
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-    __str__ = __repr__
-
-
-def redact(text: str, *secrets: str) -> str:
-    """Replace every occurrence of each (non-trivial) secret in `text` with `***`."""
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return text
 
 
 def image_data_uri(image: Image.Image, fmt: str = "PNG") -> str:
@@ -122,65 +83,10 @@ def sampling_kwargs(params: GenerationParams) -> dict[str, Any]:
     return kwargs
 
 
-def classify_openai_error(exc: BaseException) -> Transient | None:
-    """Transient (retry) for 408/409/429/5xx, timeouts, connection errors and unparsable bodies."""
-    import openai
-
-    if isinstance(exc, openai.APIStatusError):
-        if exc.status_code in RETRY_STATUSES:
-            return Transient(parse_retry_after(dict(exc.response.headers)))
-        return None
-    if isinstance(exc, (openai.APIConnectionError, asyncio.TimeoutError, TimeoutError, ConnectionError)):
-        return Transient()
-    if isinstance(exc, (openai.APIResponseValidationError, ValueError)):
-        return Transient()  # 200 with a garbled/non-JSON body: usually a proxy hiccup
-    return None
-
-
-def describe_error(exc: BaseException) -> str:
-    """A short, user-facing description: HTTP status and the server's message, or the error kind."""
-    import openai
-
-    if isinstance(exc, openai.APIStatusError):
-        message = exc.message
-        if isinstance(exc.body, dict) and isinstance(exc.body.get("message"), str):
-            message = exc.body["message"]
-        return f"HTTP {exc.status_code}: {message}"
-    if isinstance(exc, (openai.APITimeoutError, asyncio.TimeoutError, TimeoutError)):
-        return "timeout"
-    if isinstance(exc, openai.APIConnectionError):
-        return f"connection error: {exc}"
-    if isinstance(exc, (openai.APIResponseValidationError, ValueError)):
-        return f"unparsable response: {type(exc).__name__}: {exc}"
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _is_local(url: str) -> bool:
-    host = (urlsplit(url).hostname or "").lower()
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def public_url(url: str) -> str:
-    """The URL without userinfo, query or fragment (they can carry credentials)."""
-    parts = urlsplit(url)
-    netloc = parts.hostname or ""
-    if ":" in netloc:
-        netloc = f"[{netloc}]"
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
 @backend("openai")
 class OpenAIBackend(Backend):
     """OpenAI-compatible chat API (no steering); `openai:model=gpt-4o,base_url=...,api_key_env=...`."""
 
-    supports_steering = False
 
     @dataclass
     class Params:
@@ -203,26 +109,17 @@ class OpenAIBackend(Backend):
                 raise ValueError(f"backoff must be >= 0, got {self.backoff}")
 
     def __init__(self, params: Params) -> None:
-        try:
-            import openai  # noqa: F401
-        except ImportError as exc:  # pragma: no cover - openai is a dependency
-            raise ModelLoadError("the openai backend needs the `openai` package (pip install openai)") from exc
         self.params = params
-        self.base_url = params.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
-        self.policy = RetryPolicy(max_retries=params.max_retries, backoff=params.backoff)
-        key = os.environ.get(params.api_key_env, "")
-        if not key:
-            if not _is_local(self.base_url):
-                raise ModelLoadError(
-                    f"openai backend: environment variable {params.api_key_env} is not set or empty; "
-                    f"export it with your API key, or name another variable with api_key_env=..."
-                )
-            log.info(
-                "openai backend: %s is not set; sending a placeholder key to local endpoint %s",
-                params.api_key_env, public_url(self.base_url),
-            )
-            key = LOCAL_PLACEHOLDER_KEY
-        self._key = Secret(key)
+        self.chat = RemoteChat(
+            params.model, params.base_url, params.api_key_env, concurrency=params.concurrency,
+            max_retries=params.max_retries, timeout=params.timeout, backoff=params.backoff,
+            what="openai backend",
+        )
+
+    @property
+    def base_url(self) -> str:
+        """The endpoint actually used (spec, else $OPENAI_BASE_URL, else the OpenAI API)."""
+        return self.chat.base_url
 
     def __repr__(self) -> str:
         return f"OpenAIBackend(model={self.params.model!r}, base_url={public_url(self.base_url)!r})"
@@ -241,12 +138,7 @@ class OpenAIBackend(Backend):
     ) -> list[Completion]:
         """Sync entry point: runs `agenerate` in a fresh loop, in a worker thread if one is running."""
         self._refuse_edits(edits)
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(self.agenerate(requests, params))
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="openai-backend") as pool:
-            return pool.submit(asyncio.run, self.agenerate(requests, params)).result()
+        return run_sync(lambda: self.agenerate(requests, params), thread_name="openai-backend")
 
     async def agenerate(
         self, requests: list[Request], params: GenerationParams, edits: Edits | None = None
@@ -255,67 +147,25 @@ class OpenAIBackend(Backend):
         self._refuse_edits(edits)
         if not requests:
             return []
-        import openai
+        options = sampling_kwargs(params)
+        async with self.chat.session() as session:
+            return list(await asyncio.gather(
+                *(self._complete(session, i, r, options) for i, r in enumerate(requests))
+            ))
 
-        semaphore = asyncio.Semaphore(self.params.concurrency)
-        client = openai.AsyncOpenAI(
-            api_key=self._key.value, base_url=self.base_url, max_retries=0, timeout=self.params.timeout
-        )
+    async def _complete(self, session: ChatSession, index: int, request: Request,
+                        options: dict[str, Any]) -> Completion:
+        label = f"request {index} ({self.params.model})"
         try:
-            async def one(i: int, request: Request) -> Completion:
-                async with semaphore:
-                    return await self._complete(client, i, request, params)
-
-            return list(await asyncio.gather(*(one(i, r) for i, r in enumerate(requests))))
-        finally:
-            await client.close()
-
-    async def _complete(self, client: Any, index: int, request: Request, params: GenerationParams) -> Completion:
-        attempts = 0
-        try:
-            payload = {
-                "model": self.params.model,
-                "messages": to_openai_messages(request.messages),
-                **sampling_kwargs(params),
-            }
-
-            async def call() -> Completion:
-                nonlocal attempts
-                attempts += 1
-                # Total bound per attempt, on top of the client's per-read timeout.
-                response = await asyncio.wait_for(
-                    client.chat.completions.create(**payload), timeout=self.params.timeout + 1.0
-                )
-                return self._to_completion(response)  # a malformed body raises -> retried
-
-            return await retry_async(
-                call,
-                classify_openai_error,
-                self.policy,
-                describe=lambda e: self._scrub(describe_error(e)),
-                label=f"openai request {index} ({self.params.model})",
-            )
+            messages = to_openai_messages(request.messages)  # an unreadable image fails this sample only
         except Exception as exc:
-            message = self._scrub(f"{describe_error(exc)} (after {attempts} attempt{'s' * (attempts != 1)})")
-            log.warning("openai request %d (%s) failed: %s", index, self.params.model, message)
-            return Completion(text="", error=message)
-
-    def _to_completion(self, response: Any) -> Completion:
-        if not getattr(response, "choices", None):
-            raise ValueError("response has no choices")
-        message = response.choices[0].message
-        text = message.content
-        if text is None:
-            text = getattr(message, "refusal", None) or ""
-        usage = getattr(response, "usage", None)
-        return Completion(
-            text=text,
-            prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
-            completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
-        )
-
-    def _scrub(self, text: str) -> str:
-        return redact(text, self._key.value)
+            return Completion(text="", error=self.chat.failure(exc, 0, label).message)
+        try:
+            reply = await session.complete(messages, label=label, **options)
+        except RequestFailed as exc:
+            return Completion(text="", error=exc.message)
+        return Completion(text=reply.text, prompt_tokens=reply.prompt_tokens,
+                          completion_tokens=reply.completion_tokens)
 
     def _refuse_edits(self, edits: Edits | None) -> None:
         if edits is not None:
