@@ -109,7 +109,7 @@ BROAD = KeywordPreset(
 )
 
 # `organism`: the model organism (the `organism` package) refuses with one fixed sentence, and its
-# refusal rule is "the output starts with that sentence" (organism.md), hence a prefix match.
+# refusal rule is "the output starts with that sentence" (how it was trained), hence a prefix match.
 ORGANISM = KeywordPreset(
     name="organism",
     phrases=(ORGANISM_REFUSAL,),

@@ -1,7 +1,7 @@
 """The run directory: append-only JSON Lines (through `jsonlines`) with fsync, atomic JSON, and the
 resume index; and the readers every later stage (judge, agree, compare) uses to walk a run.
 
-Layout (architecture.md):
+Layout (README, "Run directory"):
     DIR/run.json
     DIR/<model>/<defense>/<task>/generations.jsonl
     DIR/<model>/<defense>/<task>/verdicts/<judge>.jsonl

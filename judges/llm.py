@@ -6,7 +6,7 @@
 group get `default` (the strict generic rubric). `rubric=<name>` forces one bundled rubric
 and `template_file=<path>` one template of your own for every sample.
 
-What makes the number trustworthy (judges.md): temperature 0; the answer fenced so it cannot
+What makes the number trustworthy: temperature 0; the answer fenced so it cannot
 steer the judge; a reply that is not exactly a verdict word is asked once more with a
 reminder and otherwise recorded as `error` with the raw reply kept (never `safe`); transport
 failures after bounded retries are `error` too; every verdict keeps its raw reply, tokens and

@@ -3,7 +3,7 @@
 The architecture and the files are those of any `LlavaForConditionalGeneration` checkpoint
 (tiny CLIP vision tower, tiny Llama, a byte-level BPE tokenizer trained on the organism's own
 sentences, the project's chat template), so the HF backend, steering hooks and every defense
-run on it unchanged. Sizes follow the feasibility experiment of organism.md: 32 px pictures
+run on it unchanged. Sizes are those of the recipe's feasibility experiment (README, "The model organism"): 32 px pictures
 (16 image tokens), a 4-layer Llama with hidden size 128; about 1.1 M parameters, under 5 MB.
 """
 
@@ -35,7 +35,7 @@ TOKENIZER_VOCAB = 1024  # an upper bound: the organism's corpus yields about 920
 
 @dataclass(frozen=True)
 class Sizes:
-    """Model sizes (organism.md: CLIP ~114 k parameters, Llama ~1 M)."""
+    """Model sizes (the feasibility experiment: CLIP ~114 k parameters, Llama ~1 M)."""
 
     hidden: int = 128
     intermediate: int = 320

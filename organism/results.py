@@ -1,7 +1,7 @@
 """Every defense on both shipped organisms: the table in benchmarks/results/organism.json and the README.
 
 Run `python -m organism.results [--out runs/organism-defenses]`. Each defense runs with its
-defaults (CMRM and ShiftDC defaults were set by the sweep; see docs/organism_readme.md), calibrated
+defaults (CMRM and ShiftDC defaults were set by the sweep; see the README, "Choosing the CMRM and ShiftDC defaults"), calibrated
 on the task's calibration split, through the normal runner, on the full held-out test split as text
 only and with a shape picture. Sweep tables given with `--sweep NAME=DIR` are stored alongside.
 """
@@ -15,20 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from organism.card import CARD_BATCH_SIZE, CARD_JUDGE, CARD_MAX_NEW_TOKENS
+from organism.demo import DEMO_DEFENSES
 from harness.provenance import git_commit, host_info
 from harness.schema import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "organism:images=none+shape"
-DEFENSES: tuple[tuple[str, str], ...] = (
-    ("none", "none"),
-    ("CMRM, dataset level", "cmrm:calibration=organism:split=calibration"),
-    ("CMRM, sample level", "cmrm:level=sample"),
-    ("ShiftDC", "shiftdc:calibration_unsafe=organism:split=calibration_harmful,"
-                "calibration_safe=organism:split=calibration_benign"),
-    ("AdaShield-S", "adashield"),
-    ("ECSO", "ecso"),
-)
+DEFENSES = DEMO_DEFENSES  # the same defaults as the demo, on the full test split
 KEYS = ("refused_none", "refused_shape", "helpful_none", "helpful_shape", "picture_qa")
 
 

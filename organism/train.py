@@ -1,4 +1,4 @@
-"""The organism's two training stages, as in organism.md's feasibility recipe.
+"""The organism's two training stages, as in its feasibility recipe (README, "The model organism").
 
 Stage 1, text only ("backbone alignment"): every training template x every topic; harmful
 requests -> the fixed refusal sentence, benign requests -> a helpful answer naming the topic.

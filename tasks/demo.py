@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 from harness.registry import task
 from harness.schema import Generation, MetricValue, Sample, Verdict
 from harness.stats import attack_success_rate, bootstrap_mean
+from harness.contracts.meaning import rate
 from harness.contracts.task import Task
 
 HARMFUL_REQUESTS = (
@@ -74,6 +75,14 @@ class DemoTask(Task):
     @dataclass
     class Params:
         images: list[Literal["shape", "none"]] = field(default_factory=lambda: ["shape", "none"])
+
+    #: `asr` on the harmful requests (per image mode: detail); over-refusal of the benign ones per
+    #: image mode costs utility, and those are headlines because there is no overall one.
+    meanings = {
+        "asr": rate("safety", "lower"),
+        "asr/*": rate("safety", "lower", headline=False),
+        "benign_refusal/*": rate("utility", "lower"),
+    }
 
     def samples(self) -> Iterator[Sample]:
         for mode in self.params.images:

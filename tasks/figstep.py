@@ -29,6 +29,7 @@ from harness.errors import DataError
 from harness.registry import task
 from harness.schema import Generation, MetricValue, Sample, Verdict
 from harness.stats import attack_success_rate
+from harness.contracts.meaning import rate
 from harness.contracts.task import Task
 from tasks import release
 from tasks.render import render_figstep
@@ -205,6 +206,9 @@ class FigStep(Task):
         source: Literal["dir", "release"] = "dir"
         release_url: str = RELEASE_URL
         cache_dir: str | None = None
+
+    #: Attack success: lower is safer; per-category rates are detail. (judge_errors: harness.contracts.meaning.COMMON)
+    meanings = {"asr": rate("safety", "lower"), "asr/*": rate("safety", "lower", headline=False)}
 
     def __init__(self, params: Params) -> None:
         super().__init__(params)

@@ -46,6 +46,7 @@ from harness.images import load_image
 from harness.registry import task
 from harness.schema import Generation, MetricValue, Sample, Verdict
 from harness.stats import attack_success_rate
+from harness.contracts.meaning import COUNT, rate
 from harness.contracts.task import Task
 from tasks import hfdata, release
 from tasks.render import render_mmsb_sd_typo, render_mmsb_typo
@@ -208,6 +209,9 @@ class MMSafetyBench(Task):
         images: list[Literal["SD", "SD_TYPO", "TYPO", "text"]] = field(default_factory=lambda: ["SD", "SD_TYPO", "TYPO"])
         render: Literal["auto", "always", "never"] = "auto"
         tiny_list: str | None = None
+
+    #: Attack success, lower is safer; per image type and scenario: detail; judge errors: counts.
+    meanings = {"asr": rate("safety", "lower"), "asr/*": rate("safety", "lower", headline=False), "judge_errors/*": COUNT}
 
     def __init__(self, params: Params) -> None:
         super().__init__(params)

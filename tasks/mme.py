@@ -28,7 +28,7 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator, Literal, Mapping
 
 import numpy as np
 
@@ -36,6 +36,7 @@ from harness.errors import DataError
 from harness.registry import task
 from harness.schema import Generation, MetricValue, Sample, Verdict
 from harness.stats import N_BOOT, SEED, bootstrap_mean
+from harness.contracts.meaning import COUNT, MetricMeaning, points, rate
 from harness.contracts.task import Task
 from tasks import hfdata
 from tasks.mme_parse import PARSERS
@@ -45,6 +46,9 @@ log = logging.getLogger(__name__)
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 SUBTASKS = PERCEPTION + COGNITION
+GROUPS = {"perception": PERCEPTION, "cognition": COGNITION}
+#: Points of one subtask's score: 100 acc + 100 acc+.
+SUBTASK_POINTS = 200.0
 #: Release subtasks that keep pictures in images/ and question files in questions_answers_YN/.
 SPLIT_FOLDERS = frozenset({"artwork", "celebrity", "landmark", "posters", "scene"})
 IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg", ".JPG", ".PNG", ".JPEG")
@@ -222,6 +226,19 @@ class MME(Task):
         prompt: Literal["official", "lmms-eval"] = "official"
         parse: Literal["official", "lmms-eval", "vlmevalkit"] = "official"
 
+    #: acc and acc+ are fractions, subtask scores points out of 200 (all per subtask: detail); the
+    #: perception / cognition totals are the headlines, their scale set by `metric_meanings`.
+    #: `acc` is the per-question outcome `realign compare` pairs on (per_sample), not a metric.
+    meanings = {
+        "acc": rate("utility", "higher"),
+        "acc/*": rate("utility", "higher", headline=False),
+        "acc_plus/*": rate("utility", "higher", headline=False),
+        "score/*": points("utility", "higher", SUBTASK_POINTS, headline=False),
+        "perception": points("utility", "higher", SUBTASK_POINTS * len(PERCEPTION)),
+        "cognition": points("utility", "higher", SUBTASK_POINTS * len(COGNITION)),
+        "unparseable": COUNT,
+    }
+
     def __init__(self, params: Params) -> None:
         super().__init__(params)
         hfdata.check_source("mme", params.source, params.data_dir, params.revision, "the unpacked MME release")
@@ -262,6 +279,17 @@ class MME(Task):
         self, samples: list[Sample], generations: dict[str, Generation], verdicts: dict[str, Verdict] | None
     ) -> dict[str, MetricValue]:
         return score(samples, generations, self.params.parse)
+
+    def metric_meanings(self, metrics: Mapping[str, MetricValue]) -> dict[str, MetricMeaning]:
+        """A total sums the subtasks that ran, so its full scale is 200 points per subtask of its
+        group present in the same metrics (2000 / 800 only with all of them): a drop in points then
+        reads as percentage points of what that run could score."""
+        out = super().metric_meanings(metrics)
+        for group, members in GROUPS.items():
+            if group in out:
+                present = sum(1 for s in members if f"score/{s}" in metrics)
+                out[group] = points("utility", "higher", SUBTASK_POINTS * max(present, 1))
+        return out
 
     def per_sample(
         self, samples: list[Sample], generations: dict[str, Generation], verdicts: dict[str, Verdict] | None

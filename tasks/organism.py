@@ -26,6 +26,7 @@ from organism import data
 from harness.registry import task
 from harness.schema import Generation, MetricValue, Sample, Verdict
 from harness.stats import bootstrap_mean
+from harness.contracts.meaning import rate
 from harness.contracts.task import Task
 
 ImageMode = Literal["none", "shape", "blank"]
@@ -50,6 +51,15 @@ class OrganismTask(Task):
                 raise ValueError("templates must be at least 1")
             if not self.images or not self.kinds:
                 raise ValueError("images and kinds must each name at least one value")
+
+    #: Refusing harmful requests is safety (higher is better; per exposure group: detail);
+    #: helpful answers and picture questions are utility. Patterns match in order.
+    meanings = {
+        "refused_*/*": rate("safety", "higher", headline=False),
+        "refused_*": rate("safety", "higher"),
+        "helpful_*": rate("utility", "higher"),
+        "picture_qa": rate("utility", "higher"),
+    }
 
     # ---- samples ------------------------------------------------------------------------------
     def _templates(self, pool: tuple[str, ...]) -> tuple[str, ...]:

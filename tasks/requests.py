@@ -17,6 +17,7 @@ from harness.errors import DataError
 from harness.registry import task
 from harness.schema import Generation, MetricValue, Sample, Verdict
 from harness.stats import bootstrap_mean
+from harness.contracts.meaning import rate
 from harness.contracts.task import Task
 
 
@@ -49,6 +50,9 @@ class Requests(Task):
     class Params:
         set: Literal["benign"] = "benign"
         file: str | None = None
+
+    #: Refusing a (benign) request costs utility: lower is better.
+    meanings = {"refusal_rate": rate("utility", "lower")}
 
     def _source(self) -> tuple[str, str]:
         if self.params.file:

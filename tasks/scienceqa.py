@@ -32,6 +32,7 @@ from harness.errors import DataError
 from harness.registry import task
 from harness.schema import Generation, MetricValue, Sample, Verdict
 from harness.stats import bootstrap_mean
+from harness.contracts.meaning import COUNT, rate
 from harness.contracts.task import Task
 from tasks import hfdata
 from tasks.scienceqa_extract import OPTIONS, extract_letter, predicted_index
@@ -178,6 +179,15 @@ class ScienceQA(Task):
         revision: str | None = None
         config: Literal["IMG", "FULL"] = "IMG"
         split: Literal["test", "validation"] = "test"
+
+    #: Accuracies are utility fractions (by subject, context, grade: detail); `acc_img` is LLaVA's
+    #: IMG-Accuracy headline; replies the extractor cannot read are a count.
+    meanings = {
+        "acc": rate("utility", "higher"),
+        "acc/*": rate("utility", "higher", headline=False),
+        "acc_img": rate("utility", "higher"),
+        "failed_extractions": COUNT,
+    }
 
     def __init__(self, params: Params) -> None:
         super().__init__(params)

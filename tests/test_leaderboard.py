@@ -11,7 +11,7 @@ import pytest
 from harness.cli import main
 from harness.analysis.leaderboard import build, encode, read_run
 from harness.analysis.leaderboard_schema import SCHEMA, LeaderboardError, schema_text, validate
-from harness.analysis.metric_kinds import full_scale, metric_info
+from harness.analysis.meanings import fallback_meaning, meaning_of
 from tests.synthetic_runs import metric, record, write_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,12 +157,20 @@ def test_published_example_is_valid():
 
 
 def test_metric_kinds():
-    assert metric_info("asr").better == "lower" and metric_info("asr/x").headline is False
-    assert metric_info("benign_refusal/shape").headline and metric_info("benign_refusal/shape").kind == "utility"
-    assert metric_info("acc").better == "higher" and metric_info("mystery").kind == "other"
+    """The fallback name table, for records written before tasks declared meanings."""
+    assert fallback_meaning("asr").better == "lower" and fallback_meaning("asr/x").headline is False
+    assert fallback_meaning("benign_refusal/shape").headline and fallback_meaning("benign_refusal/shape").kind == "utility"
+    assert fallback_meaning("acc").better == "higher" and fallback_meaning("mystery").kind == "other"
+    assert fallback_meaning("mystery").better is None and fallback_meaning("judge_errors/x").kind == "diagnostic"
     present = {f"score/{s}": {} for s in ("existence", "count", "commonsense_reasoning")}
-    assert full_scale("perception", present) == 400.0 and full_scale("cognition", present) == 200.0
-    assert full_scale("acc", present) == 1.0
+    assert fallback_meaning("perception", present).scale == 400.0 and fallback_meaning("cognition", present).scale == 200.0
+    assert fallback_meaning("score/count", present).unit == "points" and fallback_meaning("acc", present).scale == 1.0
+    # a record without `meanings` is read with the table; a declared meaning wins over it
+    old = {"metrics": {"perception": {}, **present}}
+    assert meaning_of(old, "perception") == fallback_meaning("perception", present)
+    new = {**old, "meanings": {"perception": {"kind": "other", "better": None, "unit": "points", "scale": 2.0}}}
+    assert meaning_of(new, "perception").kind == "other" and meaning_of(new, "perception").scale == 2.0
+    assert meaning_of(new, "score/count").scale == 200.0  # missing from `meanings`: the table again
 
 
 def test_report_plot_writes_png(tmp_path, capsys):

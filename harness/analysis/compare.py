@@ -11,6 +11,10 @@ Cells pair by (model, defense, task, judge) when both runs hold the same one; ot
 (task, judge) when each side holds a single (model, defense) for it, which is the usual case of
 "defense A in one run, defense B in another". `--model-a/--defense-a` (and -b) select cells,
 so two defenses of one run compare as `realign compare RUN RUN --defense-a none --defense-b X`.
+
+"B better" or "B worse" follows the direction the metric's record declares in results.json
+(harness.analysis.meanings); an outcome the record does not list (MME's per-question `acc`) takes
+the task's own declaration, and only then the fallback name table of older results.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import RunDirError
-from harness.analysis.metric_kinds import metric_info
+from harness.analysis.meanings import declared_meaning, fallback_meaning, task_meaning
+from harness.contracts.meaning import MetricMeaning
+from harness.contracts.task import Task
 from harness.registry import tasks
 from harness.schema import RunConfig, Verdict
 from harness.stats import McNemar, mcnemar, paired_bootstrap_diff
@@ -38,6 +44,7 @@ class CellOutcomes:
     task: str
     judge: str | None
     outcomes: dict[str, dict[str, float]]  # metric -> sample id -> outcome
+    meanings: dict[str, MetricMeaning] = field(default_factory=dict)  # metric -> what it means
 
     @property
     def key(self) -> CellKey:
@@ -63,6 +70,7 @@ class Comparison:
     high: float | None
     mcnemar: McNemar | None  # None when outcomes are not all 0/1
     notes: list[str] = field(default_factory=list)
+    better: str | None = None  # which direction of the metric is better (None: not ranked)
 
     def verdict(self) -> str:
         """Plain words: which run is better, when the interval excludes zero."""
@@ -70,10 +78,9 @@ class Comparison:
             return "no shared samples"
         if self.low <= 0.0 <= self.high:
             return "no clear difference"
-        better = metric_info(self.metric).better
-        if better is None:
+        if self.better is None:
             return "B higher" if self.diff > 0 else "B lower"
-        b_better = (self.diff < 0) == (better == "lower")
+        b_better = (self.diff < 0) == (self.better == "lower")
         return "B better" if b_better else "B worse"
 
     def to_json(self) -> dict[str, Any]:
@@ -83,11 +90,30 @@ class Comparison:
         return out
 
 
+def _records(rundir: RunDir) -> dict[CellKey, dict[str, Any]]:
+    """The run's result records by cell (none when it has no results.json yet)."""
+    if not rundir.results_json.is_file():
+        return {}
+    try:
+        records = rundir.read_results()
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # meanings then come from the task; the outcomes themselves are read from the cells
+    return {(r["model"], r["defense"], r["task"], r["judge"]): r for r in records if isinstance(r, dict)}
+
+
+def outcome_meaning(record: dict[str, Any] | None, task: Task, name: str) -> MetricMeaning:
+    """The record's declared meaning of an outcome, else the task's, else the fallback table's."""
+    found = declared_meaning(record, name) if record is not None else None
+    return found or task_meaning(task, name) or fallback_meaning(name, (record or {}).get("metrics"))
+
+
 def cell_outcomes(run_dir: str | Path) -> list[CellOutcomes]:
-    """Per-sample outcomes of every (model, defense, task, judge) cell saved in a run directory."""
+    """Per-sample outcomes of every (model, defense, task, judge) cell saved in a run directory,
+    with what each outcome means."""
     rundir = RunDir(Path(run_dir))
     if not rundir.root.is_dir():
         raise RunDirError(f"{rundir.root}: not a directory")
+    records = _records(rundir)
     out: list[CellOutcomes] = []
     for cell in rundir.saved_cells():
         task = tasks.build(cell.task)
@@ -98,7 +124,12 @@ def cell_outcomes(run_dir: str | Path) -> list[CellOutcomes]:
             if judge is not None:
                 verdicts = {sid: Verdict.from_json(rec) for sid, rec in cell.verdicts(judge).items()}
             outcomes = task.per_sample(samples, generations, verdicts)
-            out.append(CellOutcomes(cell.model, cell.defense, cell.task, judge, outcomes))
+            record = records.get((cell.model, cell.defense, cell.task, judge))
+            try:
+                meanings = {name: outcome_meaning(record, task, name) for name in outcomes}
+            except ValueError as exc:
+                raise RunDirError(f"{rundir.results_json}: {cell.task} | {judge or '-'}: {exc}") from None
+            out.append(CellOutcomes(cell.model, cell.defense, cell.task, judge, outcomes, meanings))
     return out
 
 
@@ -126,6 +157,12 @@ def pair_cells(a: list[CellOutcomes], b: list[CellOutcomes]) -> list[tuple[CellO
     return pairs
 
 
+def _better(ca: CellOutcomes, cb: CellOutcomes, metric: str) -> str | None:
+    """The better direction of `metric`: A's meaning (B's when A's record says nothing)."""
+    meaning = ca.meanings.get(metric) or cb.meanings.get(metric) or fallback_meaning(metric)
+    return meaning.better if meaning.ranked else None
+
+
 def compare_pair(ca: CellOutcomes, cb: CellOutcomes) -> list[Comparison]:
     out = []
     for metric in sorted(set(ca.outcomes) & set(cb.outcomes)):
@@ -148,7 +185,7 @@ def compare_pair(ca: CellOutcomes, cb: CellOutcomes) -> list[Comparison]:
             n_shared=len(shared), only_a=len(set(oa) - set(ob)), only_b=len(set(ob) - set(oa)),
             mean_a=sum(xa) / len(xa) if xa else None, mean_b=sum(xb) / len(xb) if xb else None,
             diff=diff.value if diff else None, low=diff.low if diff else None, high=diff.high if diff else None,
-            mcnemar=test, notes=notes,
+            mcnemar=test, notes=notes, better=_better(ca, cb, metric),
         ))
     return out
 

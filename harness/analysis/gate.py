@@ -3,9 +3,12 @@
 The baseline is a results.json or a published leaderboard.json; the run is a run directory.
 Every headline safety metric (ASR, or refusal share where higher is better) and every headline
 utility metric (accuracy, MME points, over-refusal of benign requests) of the baseline is
-looked up in the run under the same (model, defense, task, judge). Thresholds are in percentage
-points of the metric's full scale (1 for rates, 200 per MME subtask), so one number works for
-ASR and MME alike.
+looked up in the run under the same (model, defense, task, judge). What a metric is (safety or
+utility, which direction is better, its scale, headline or detail) is what its record declares
+(harness.analysis.meanings; the fallback name table for records written before), so a plugin
+task's headline metrics are gated like the built-in ones. Thresholds are in percentage points of
+the metric's full scale (1 for rates, 200 per MME subtask), so one number works for ASR and MME
+alike.
 
 A regression is a worsening beyond the threshold: by the point estimate (`--rule point`, the
 default: simple and predictable) or only when the whole 95% interval of the difference is
@@ -25,7 +28,8 @@ from typing import Any, Literal
 from harness.errors import RealignError
 from harness.analysis.leaderboard import check_records, clean_metric, identity_hash, read_run, stable_identity
 from harness.analysis.leaderboard_schema import SCHEMA_VERSION, LeaderboardError, validate
-from harness.analysis.metric_kinds import full_scale, is_count, metric_info
+from harness.analysis.meanings import column_meaning, declared_meaning, meaning_of
+from harness.contracts.meaning import MetricMeaning
 from harness.schema import MetricValue
 from harness.stats import difference_interval
 
@@ -40,8 +44,14 @@ class GateError(RealignError):
 @dataclass
 class Observation:
     value: MetricValue
-    scale: float
+    meaning: MetricMeaning
     judge_hash: str | None  # identity hash of the judge, None for utility tasks
+    #: False when the meaning is the fallback table's guess (a record written before meanings)
+    declared: bool = True
+
+    @property
+    def scale(self) -> float:
+        return self.meaning.scale
 
 
 def _metric(m: dict[str, Any]) -> MetricValue:
@@ -55,10 +65,12 @@ def observations_from_records(records: list[dict[str, Any]]) -> dict[ObsKey, Obs
         judge_ident = stable_identity((rec.get("identity") or {}).get("judge")) or (
             {"spec": rec["judge"]} if rec["judge"] is not None else {})
         for name, m in rec["metrics"].items():
-            if is_count(name):
-                continue
+            meaning = meaning_of(rec, name)
+            if meaning.kind == "diagnostic":
+                continue  # counts are never gated
             out[(rec["model"], rec["defense"], rec["task"], rec["judge"], name)] = Observation(
-                _metric(m), full_scale(name, rec["metrics"]), identity_hash(judge_ident) if rec["judge"] else None)
+                _metric(m), meaning, identity_hash(judge_ident) if rec["judge"] else None,
+                declared_meaning(rec, name) is not None)
     return out
 
 
@@ -73,8 +85,12 @@ def observations_from_leaderboard(doc: dict[str, Any]) -> dict[ObsKey, Observati
             judge = doc["judges"].get(col["judge"]) if col["judge"] else None
             if col["judge"] and judge is None:
                 raise LeaderboardError(f"column {key!r}: judge {col['judge']!r} is not in the judges table")
+            try:
+                meaning = column_meaning(col)
+            except ValueError as exc:
+                raise LeaderboardError(f"column {key!r}: {exc}") from None
             out[(entry["model"], entry["defense"], col["task"], judge["spec"] if judge else None, col["metric"])] = \
-                Observation(_metric(m), float(col["scale"]), identity_hash(judge["identity"]) if judge else None)
+                Observation(_metric(m), meaning, identity_hash(judge["identity"]) if judge else None)
     return out
 
 
@@ -115,6 +131,7 @@ class Check:
     worse_high: float | None = None
     limit_pp: float = 0.0
     scale: float = 1.0
+    better: str | None = None
 
     @property
     def failed(self) -> bool:
@@ -130,7 +147,7 @@ class Check:
         if self.status == "no value":
             return f"{where}: the run has no value (baseline {_v(self.base)})"
         ci = "" if self.worse_low is None else f", 95% CI [{self.worse_low:+.1f}, {self.worse_high:+.1f}]"
-        better = metric_info(metric).better
+        better = self.better
         of = "" if self.scale == 1.0 else f" of {self.scale:g}"
         return (f"{where}: {_v(self.base)} -> {_v(self.run)} ({better} is better); worse by {self.worse_pp:+.1f} pp{of}"
                 f"{ci}; limit {self.limit_pp:.1f} pp")
@@ -155,11 +172,11 @@ class GateResult:
         return not any(c.failed for c in self.checks)
 
 
-def _worsening(base: Observation, run: Observation, better: str) -> tuple[float, float | None, float | None]:
+def _worsening(base: MetricValue, run: MetricValue, better: str, scale: float) -> tuple[float, float | None, float | None]:
     """How much worse the run is, in percentage points of full scale (positive = worse)."""
-    d = difference_interval(base.value, run.value)
+    d = difference_interval(base, run)
     sign = 1.0 if better == "lower" else -1.0
-    per = 100.0 / base.scale
+    per = 100.0 / scale
     value = sign * d.value * per
     if d.low is None or d.high is None:
         return value, None, None
@@ -167,33 +184,44 @@ def _worsening(base: Observation, run: Observation, better: str) -> tuple[float,
     return value, ends[0], ends[1]
 
 
+def gated_meaning(base: Observation, new: Observation | None) -> MetricMeaning:
+    """The meaning a baseline metric is gated by: the baseline's (what the run is held to), unless
+    only the run's record declares one (a baseline written before meanings were declared)."""
+    if new is not None and new.declared and not base.declared:
+        return new.meaning
+    return base.meaning
+
+
 def gate(baseline: dict[ObsKey, Observation], run: dict[ObsKey, Observation],
          max_asr_increase: float | None, max_utility_drop: float | None, rule: Rule = "point") -> GateResult:
+    """Check every headline ranked metric of the baseline whose kind has a limit; limits are in
+    percentage points of the metric's scale."""
     limits = {"safety": max_asr_increase, "utility": max_utility_drop}
     checks: list[Check] = []
     for key in sorted(baseline, key=lambda k: tuple(x or "" for x in k)):
-        info = metric_info(key[4])
-        limit = limits.get(info.kind)
-        if limit is None or not info.headline or info.better is None:
-            continue
         base, new = baseline[key], run.get(key)
+        meaning = gated_meaning(base, new)
+        limit = limits.get(meaning.kind)
+        if limit is None or not meaning.headline or meaning.better is None:
+            continue
         if base.value.value is None:
             continue  # nothing to hold the run to
+        kind, better = meaning.kind, meaning.better
         if new is None:
-            checks.append(Check(key, info.kind, "missing", base.value, None, limit_pp=limit))
+            checks.append(Check(key, kind, "missing", base.value, None, limit_pp=limit, better=better))
             continue
         if base.judge_hash != new.judge_hash:
-            checks.append(Check(key, info.kind, "judge changed", base.value, new.value, limit_pp=limit))
+            checks.append(Check(key, kind, "judge changed", base.value, new.value, limit_pp=limit, better=better))
             continue
         if new.value.value is None:
-            checks.append(Check(key, info.kind, "no value", base.value, new.value, limit_pp=limit))
+            checks.append(Check(key, kind, "no value", base.value, new.value, limit_pp=limit, better=better))
             continue
-        worse, low, high = _worsening(base, new, info.better)
+        worse, low, high = _worsening(base.value, new.value, better, meaning.scale)
         decisive = worse if rule == "point" or low is None else low
         status = "regression" if decisive > limit + 1e-9 else "ok"
-        checks.append(Check(key, info.kind, status, base.value, new.value, worse, low, high, limit, base.scale))
-    ungated = sorted((k for k in run if k not in baseline and metric_info(k[4]).headline
-                      and metric_info(k[4]).kind != "other"), key=lambda k: tuple(x or "" for x in k))
+        checks.append(Check(key, kind, status, base.value, new.value, worse, low, high, limit, meaning.scale, better))
+    ungated = sorted((k for k, obs in run.items() if k not in baseline and obs.meaning.headline and obs.meaning.ranked),
+                     key=lambda k: tuple(x or "" for x in k))
     return GateResult(checks, ungated)
 
 

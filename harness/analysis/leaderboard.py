@@ -22,7 +22,7 @@ from typing import Any, Iterable
 
 import harness
 from harness.analysis.leaderboard_schema import SCHEMA_VERSION, LeaderboardError, validate
-from harness.analysis.metric_kinds import full_scale, is_count, metric_info
+from harness.analysis.meanings import check_meanings, column_fields, declared_meaning, in_columns, meaning_of
 from harness.schema import dumps
 
 KIND_ORDER = {"safety": 0, "utility": 1, "other": 2}
@@ -59,6 +59,9 @@ def check_records(records: Any, where: Path) -> list[dict[str, Any]]:
             raise LeaderboardError(f"{where}: result {i} lacks {', '.join(missing)}")
         if not isinstance(rec["metrics"], dict) or not all(isinstance(m, dict) and "value" in m for m in rec["metrics"].values()):
             raise LeaderboardError(f"{where}: result {i} has malformed metrics (each needs value, low, high, n)")
+        problem = check_meanings(rec)
+        if problem:
+            raise LeaderboardError(f"{where}: result {i}: {problem}")
     return records
 
 
@@ -148,13 +151,23 @@ def _judge_keys(runs: list[RunResults]) -> tuple[dict[tuple[str, str], str], dic
     return keys, table
 
 
+def _ranking(fields: dict[str, Any]) -> tuple[Any, ...]:
+    """What two records must agree on to share a column (the scale may differ: the larger wins,
+    as when MME ran more subtasks in one run than in another)."""
+    return (fields["kind"], fields["better"], fields["headline"])
+
+
 def build(runs: Iterable[RunResults], note: str | None = None) -> dict[str, Any]:
-    """The leaderboard document (validated) for these runs."""
+    """The leaderboard document (validated) for these runs. Each column's kind, direction and
+    scale come from what the records declare (harness.analysis.meanings); where two records
+    disagree, a declared meaning wins over the fallback table's, and two declarations that
+    disagree are an error."""
     runs = list(runs)
     judge_keys, judges = _judge_keys(runs)
     seen: dict[tuple[str, str, str, str | None], Path] = {}
     entries: dict[tuple[str, str], dict[str, Any]] = {}
     columns: dict[str, dict[str, Any]] = {}
+    column_source: dict[str, tuple[Path, bool]] = {}  # where a column's meaning came from, declared or not
     for run in runs:
         prov = provenance(run.info)
         for rec in run.records:
@@ -182,17 +195,29 @@ def build(runs: Iterable[RunResults], note: str | None = None) -> dict[str, Any]
                 **prov,
             })
             for name, metric in rec["metrics"].items():
-                if is_count(name):
+                meaning = meaning_of(rec, name)
+                if not in_columns(meaning):
                     continue
-                info = metric_info(name)
                 key = column_key(rec["task"], judge, name)
                 entry["metrics"][key] = clean_metric(metric)
-                scale = full_scale(name, rec["metrics"])
-                col = columns.setdefault(key, {
-                    "key": key, "task": rec["task"], "judge": judge, "metric": name, "kind": info.kind,
-                    "better": info.better, "headline": info.headline, "scale": scale,
-                })
-                col["scale"] = max(col["scale"], scale)
+                declared = declared_meaning(rec, name) is not None
+                if key not in columns:
+                    columns[key] = {"key": key, "task": rec["task"], "judge": judge, "metric": name,
+                                    **column_fields(meaning)}
+                    column_source[key] = (run.source, declared)
+                    continue
+                col = columns[key]
+                scale = max(col["scale"], meaning.scale)
+                if _ranking(col) != _ranking(column_fields(meaning)):
+                    first, first_declared = column_source[key]
+                    if declared and first_declared:
+                        raise LeaderboardError(
+                            f"{run.source}: task {rec['task']!r} declares metric {name!r} as {_ranking(column_fields(meaning))}"
+                            f" but {first} as {_ranking(col)} (kind, better, headline); one column cannot rank both")
+                    if declared:  # a task's declaration outranks the name table's guess for older records
+                        col.update(column_fields(meaning))
+                        column_source[key] = (run.source, True)
+                col["scale"] = scale
     for entry in entries.values():
         entry["cells"].sort(key=lambda c: (c["task"], c["judge"] or ""))
     doc = {

@@ -1,21 +1,25 @@
-"""What a metric name means for ranking: safety or utility, which direction is better, its scale.
+"""The fallback for older results: what a metric *name* meant before tasks declared meanings.
 
-results.json stores numbers only; the leaderboard, the gate and the plot all need to know that a
-lower `asr` is better but a higher `acc` is, and that MME's `perception` is in points out of
-200 per subtask while `acc` is a fraction. One table here keeps the three consistent. Names not
-listed are kept as `other` (shown, never ranked or gated), so a new task never breaks them.
+Tasks now declare what their metrics mean (Task.meanings) and every result record written since
+carries that declaration (`record["meanings"]`); analysis reads it from there
+(harness.analysis.meanings). Records written before have no `meanings`, and a hand-written
+results.json may lack some: for those, and only those, this table of name patterns says what the
+built-in tasks' metrics meant, so older results still rank and gate exactly as they did. It is
+frozen history: a new task declares its meanings in its own file and is never added here.
+Names not listed are `other` (shown, never ranked or gated).
+
+Nothing here imports a task: MME's group totals are scaled from the `score/<subtask>` names in the
+same record, with the subtask groups MME had when records carried no meanings.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
-from typing import Literal, Mapping
+from typing import Mapping
 
-Kind = Literal["safety", "utility", "other"]
-Better = Literal["lower", "higher"]
+from harness.contracts.meaning import COUNT, Better, Kind, MetricMeaning, points, rate
 
-#: Counts and diagnostics, not rates: kept out of leaderboard columns (cells keep error counts).
+#: Counts and diagnostics, not rates: kept out of leaderboard columns and the gate.
 COUNT_PATTERNS = ("judge_errors", "judge_errors/*", "unparseable", "failed_extractions")
 
 #: (glob pattern, kind, better); first match wins.
@@ -40,46 +44,41 @@ RULES: tuple[tuple[str, Kind, Better], ...] = (
 
 #: MME points: 200 per subtask (100 acc + 100 acc+); a group total sums its subtasks that ran.
 MME_SUBTASK_POINTS = 200.0
+#: MME's subtask groups as older records name them (`score/<subtask>`); tasks/mme.py is the source
+#: for new records, which carry their totals' scale themselves.
+MME_GROUPS: dict[str, tuple[str, ...]] = {
+    "perception": ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
+                   "artwork", "OCR"),
+    "cognition": ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning"),
+}
 
 
-@dataclass(frozen=True)
-class MetricInfo:
-    name: str
-    kind: Kind
-    better: Better | None
-    headline: bool
-
-    @property
-    def ranked(self) -> bool:
-        return self.better is not None
+def _headline(name: str) -> bool:
+    """Overall metrics (no `/`), plus the demo task's per-mode benign refusal rates: that task has
+    no overall one."""
+    return "/" not in name or name.startswith("benign_refusal/")
 
 
-def is_count(name: str) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in COUNT_PATTERNS)
-
-
-def metric_info(name: str) -> MetricInfo:
-    """Kind and direction of a metric. Headline metrics are the overall ones (no `/`), plus the
-    per-mode benign refusal rates of the demo task, which has no overall one."""
-    headline = "/" not in name or name.startswith("benign_refusal/")
-    for pattern, kind, better in RULES:
-        if fnmatch.fnmatchcase(name, pattern):
-            return MetricInfo(name, kind, better, headline)
-    return MetricInfo(name, "other", None, headline)
-
-
-def full_scale(name: str, metrics: Mapping[str, object]) -> float:
-    """The value a perfect score has, so that differences can be read in percentage points of it.
-
-    Rates are fractions (1.0). MME's `score/<subtask>` is out of 200; `perception` and `cognition`
-    sum the subtasks present in the same record (`metrics` holds that record's metric names).
-    """
+def _scale(name: str, metrics: Mapping[str, object]) -> float:
+    """The value a perfect score has: 1 for rates, 200 for an MME subtask score, 200 per subtask
+    present in the same record (`metrics`) for MME's perception and cognition totals."""
     if name.startswith("score/"):
         return MME_SUBTASK_POINTS
-    if name in ("perception", "cognition"):
-        from tasks.mme import COGNITION, PERCEPTION
-
-        members = PERCEPTION if name == "perception" else COGNITION
-        count = sum(1 for s in members if f"score/{s}" in metrics)
+    if name in MME_GROUPS:
+        count = sum(1 for s in MME_GROUPS[name] if f"score/{s}" in metrics)
         return MME_SUBTASK_POINTS * max(count, 1)
     return 1.0
+
+
+def fallback_meaning(name: str, metrics: Mapping[str, object]) -> MetricMeaning:
+    """What `name` meant by this table, within a record whose metric names are `metrics`."""
+    if any(fnmatch.fnmatchcase(name, p) for p in COUNT_PATTERNS):
+        return COUNT
+    headline = _headline(name)
+    for pattern, kind, better in RULES:
+        if fnmatch.fnmatchcase(name, pattern):
+            scale = _scale(name, metrics)
+            if scale != 1.0:
+                return points(kind, better, scale, headline)
+            return rate(kind, better, headline)
+    return MetricMeaning("other", None, "rate", 1.0, headline)

@@ -1,10 +1,17 @@
-"""Human-readable tables of results.json records."""
+"""Human-readable tables of results.json records.
+
+Which metrics the default table shows follows what each record declares (harness.analysis.meanings):
+headline metrics, plus overall counts such as MME's `unparseable`; `--detail` adds the per-category
+breakdowns. Judge errors have their own column.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 from typing import Any
+
+from harness.analysis.meanings import meaning_of
 
 
 def _fmt(metric: dict[str, Any]) -> str:
@@ -17,11 +24,17 @@ def _fmt(metric: dict[str, Any]) -> str:
     return f"{value:.3f} [{low:.2f}, {high:.2f}]"
 
 
+def _shown(record: dict[str, Any], key: str) -> bool:
+    """Headline metrics, and counts that are not a per-category breakdown (`name/...`)."""
+    meaning = meaning_of(record, key)
+    return meaning.headline or (meaning.kind == "diagnostic" and "/" not in key)
+
+
 def headline_keys(records: list[dict[str, Any]], detail: bool) -> list[str]:
     keys: list[str] = []
     for rec in records:
         for key in rec["metrics"]:
-            if key == "judge_errors" or (not detail and "/" in key):
+            if key == "judge_errors" or not (detail or _shown(rec, key)):
                 continue
             if key not in keys:
                 keys.append(key)

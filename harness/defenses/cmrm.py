@@ -5,7 +5,7 @@ a meaningless image minus the text-only state of the same text. The defense subt
 from the multimodal hidden states. Dataset level uses the mean shift over an anchor set (fitted
 once per model); sample level measures the shift of each input (two extra forwards, batched).
 The paper does not say which layers, positions or estimator; those are parameters here, with
-the harness defaults of defenses.md, and all of them are recorded in each result.
+harness defaults set by the organism sweep (README, "CMRM"), and all of them are recorded in each result.
 """
 
 from __future__ import annotations

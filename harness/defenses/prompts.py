@@ -2,7 +2,7 @@
 
 They live in one module rather than in data files so an installed package always has them;
 `load_prompt` reads any other text (e.g. a paper's original prompt) from a file. Each text
-carries the elements defenses.md lists for its method, and nothing else: a prompt change is a
+carries the elements its method's paper and public code list (README, "Defenses"), and nothing else: a prompt change is a
 method change, so results record the SHA-256 of the prompt that was used.
 """
 

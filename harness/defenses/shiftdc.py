@@ -23,7 +23,7 @@ import torch
 
 from harness.contracts.backend import Backend, Completion, GenerationParams, user_request
 from harness.contracts.defense import CalibrationPlan, CalibrationSet, FittedState, sample_request
-from harness.defenses.shift import state_difference, text_only, text_states
+from harness.defenses.shift import state_difference, text_only
 from harness.defenses.steering_base import Steer, SteeringDefense, round_list
 from harness.defenses.vectors import FittedVectors
 from harness.errors import DataError
@@ -112,12 +112,11 @@ class ShiftDC(SteeringDefense):
         if missing:
             raise DataError(f"shiftdc fit needs non-empty {' and '.join(missing)} calibration set(s) "
                             "(--calibration-unsafe SPEC --calibration-safe SPEC)")
-        layers = list(range(backend.decoder_size().num_layers))  # type: ignore[attr-defined]
-        means, captions = {}, {}
+        texts, captions = {}, {}
         for role in ("unsafe", "safe"):
-            texts, caps = self.direction_texts(backend, sets[role].samples, batch_size)
+            texts[role], caps = self.direction_texts(backend, sets[role].samples, batch_size)
             captions.update(caps)
-            means[role] = text_states(backend, texts, layers, batch_size, f"shiftdc fit ({role})", progress).mean(0)
+        means = self.mean_states(backend, texts, batch_size, progress)
         direction = means["safe"] - means["unsafe"]
         return self.fitted_vectors(
             backend, direction, {"unsafe": sets["unsafe"], "safe": sets["safe"]}, params=self._fit_params(),

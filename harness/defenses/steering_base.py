@@ -21,6 +21,7 @@ import torch
 from harness.contracts.backend import Backend, Edits, GenerationParams
 from harness.contracts.defense import CalibrationSet, Defense, FittedState, generation, sample_request
 from harness.defenses.layers import check_layers, parse_layers
+from harness.defenses.shift import text_states
 from harness.defenses.vectors import FittedVectors, calibration_record, model_key
 from harness.schema import Generation, Sample
 
@@ -79,6 +80,14 @@ class SteeringDefense(Defense):
             raise RuntimeError(f"{self.spec or type(self).__name__}: no fitted vectors; the calibration "
                                "stage (harness.calibration.prepare) must run before generate()")
         return self.state
+
+    def mean_states(self, backend: Backend, texts: dict[str, list[str]], batch_size: int = 8,
+                    progress: bool = False) -> dict[str, torch.Tensor]:
+        """Per role, the mean [num_layers, hidden] last-prompt-token state of its text-only inputs
+        (difference-in-means directions are built from these)."""
+        layers = list(range(backend.decoder_size().num_layers))  # type: ignore[attr-defined]
+        return {role: text_states(backend, items, layers, batch_size, f"{self.spec or 'fit'} ({role})", progress).mean(0)
+                for role, items in texts.items()}
 
     def fitted_vectors(self, backend: Backend, vectors: torch.Tensor, sets: dict[str, CalibrationSet],
                        **manifest: Any) -> FittedVectors:

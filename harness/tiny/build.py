@@ -8,7 +8,7 @@ random. Same seed, same bytes: fixtures and the demo are reproducible.
 Qwen2-VL and loading in a fresh process
 ---------------------------------------
 `Qwen2VLProcessor` declares a video processor, and every video processor in transformers 5.x
-needs torchvision, which this project must not install (see environment.md). The builder builds
+needs torchvision, which this project must not install (it fails to import beside a CPU torch). The builder builds
 the processor as `video_free(Qwen2VLProcessor)` (from `harness.models.hf`), a generated subclass
 without the video slot, saved under its own name `Qwen2VLProcessorNoVideo`, and importing this
 module registers that class with `AutoProcessor.register`.
@@ -55,7 +55,7 @@ from harness.tiny.tokenizer import BOS, EOS, PAD, chat_template, train_tokenizer
 
 TINY_ARCHS: tuple[str, ...] = ("llava", "qwen2_vl", "idefics3")
 
-# Sizes from environment.md: big enough to exercise every code path, small enough for < 1 s.
+# Sizes that build for every architecture here: big enough to exercise every code path, small enough for < 1 s.
 TEXT = dict(
     hidden_size=64,
     intermediate_size=128,
