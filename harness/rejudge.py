@@ -18,21 +18,23 @@ from harness.contracts.judge import Judge
 from harness.errors import RunDirError
 from harness.judging import merge_record, score_cell
 from harness.registry import judges, tasks
-from harness.store import RunDir
+from harness.store import Cell, RunDir
 
 log = logging.getLogger(__name__)
-CellKey = tuple[str, str, str]
 
 
-def _cell_identity(records: list[dict[str, Any]], info: dict[str, Any], key: CellKey) -> dict[str, Any]:
-    """Model/defense/task identity: from an earlier record of the cell, else from run.json."""
+def _cell_identity(cell: Cell, records: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
+    """Model/defense/task identity as the run recorded it beside the generations; for runs written
+    before that, from an earlier record of the cell, else from run.json."""
+    stored = cell.identity()
+    if stored is not None:
+        return {k: stored.get(k) for k in ("model", "defense", "task")}
     for rec in records:
-        if (rec["model"], rec["defense"], rec["task"]) == key:
+        if (rec["model"], rec["defense"], rec["task"]) == (cell.model, cell.defense, cell.task):
             ident = rec.get("identity") or {}
             return {k: ident.get(k) for k in ("model", "defense", "task")}
-    model, defense, task = key
-    return {"model": info.get("backends", {}).get(model, {"spec": model}),
-            "defense": {"spec": defense}, "task": {"spec": task}}
+    return {"model": info.get("backends", {}).get(cell.model, {"spec": cell.model}),
+            "defense": {"spec": cell.defense}, "task": {"spec": cell.task}}
 
 
 def rejudge(run_dir: str | Path, judge_specs: list[str], progress: bool = True) -> list[dict[str, Any]]:
@@ -55,7 +57,7 @@ def rejudge(run_dir: str | Path, judge_specs: list[str], progress: bool = True) 
             log.info("task %s scores answers itself (no judge); skipped", cell.task)
             continue
         samples, generations = cell.load()
-        identity = _cell_identity(existing, info, (cell.model, cell.defense, cell.task))
+        identity = _cell_identity(cell, existing, info)
         for record in score_cell(cell, task, built, samples, generations, identity, progress):
             new.append(record)
             merge_record(existing, record)

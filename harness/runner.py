@@ -172,6 +172,7 @@ class Runner:
             "defense": defense.identity(),
             "task": task.identity(),
         }
+        cell.write_identity(identity)
         for record in score_cell(cell, task, self.plan.judges, samples, generations, identity, self.progress):
             self.results.append(record)
             self.rundir.write_results(self.results)

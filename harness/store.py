@@ -145,6 +145,21 @@ class Cell:
     def append_verdicts(self, judge: str, records: list[dict[str, Any]]) -> None:
         append_jsonl(self.verdicts_path(judge), records)
 
+    def write_identity(self, identity: dict[str, Any]) -> None:
+        """The identities (model, defense, task) the cell's generations were made with, so a later
+        judging stage builds exactly the record the run would have."""
+        atomic_write_json(self.dir / "identity.json", identity)
+
+    def identity(self) -> dict[str, Any] | None:
+        path = self.dir / "identity.json"
+        if not path.exists():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise RunDirError(f"{path} is not valid JSON: {exc}") from None
+        return data if isinstance(data, dict) else None
+
     def load(self) -> tuple[list[Sample], dict[str, Generation]]:
         """Samples (from the records) and generations, in the order they were generated."""
         samples: list[Sample] = []

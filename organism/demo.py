@@ -21,14 +21,15 @@ from harness.schema import RunConfig
 DEMO_SEED = 0
 DEMO_TASK = "organism:templates=1,images=none+shape"
 DEMO_JUDGE = "keywords:preset=organism"
-# (label, spec). Calibration uses the task's calibration split: templates disjoint from the
-# evaluated ones. CMRM and ShiftDC run with their defaults, which the organism sweep chose.
+# (label, spec). Calibration uses the task's calibration splits: templates disjoint from the
+# evaluated ones. CMRM and ShiftDC run with their defaults, which the organism sweep chose; ShiftDC's
+# calibration requests carry pictures, which the organism captions (its paper's direction input).
 DEMO_DEFENSES: tuple[tuple[str, str], ...] = (
     ("none", "none"),
     ("CMRM (dataset)", "cmrm:calibration=organism:split=calibration"),
     ("CMRM (sample)", "cmrm:level=sample"),
-    ("ShiftDC", "shiftdc:calibration_unsafe=organism:split=calibration_harmful,"
-                "calibration_safe=organism:split=calibration_benign"),
+    ("ShiftDC", "shiftdc:calibration_unsafe=organism:split=calibration_harmful_shape,"
+                "calibration_safe=organism:split=calibration_benign_shape"),
     ("AdaShield-S", "adashield"),
     ("ECSO", "ecso"),
 )

@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     rows = measure([int(s) for s in args.seeds.split(",")], Path(args.out), not args.quiet)
-    sweeps = {}
+    previous = Path(args.json)
+    # Sweep tables stored before are kept (a sweep is not re-run here); given ones replace them by name.
+    sweeps = json.loads(previous.read_text()).get("sweeps", {}) if previous.is_file() else {}
     for item in args.sweep:
         name, _, folder = item.partition("=")
         sweeps[name] = json.loads((Path(folder) / "sweep.json").read_text())

@@ -9,7 +9,7 @@ original release unpacked (`source=dir,data_dir=...`: the folder holding the sub
 parent). Sample ids are `mme/<subtask>/<image file>/<k>` (k = 1, 2 in file order), the same from
 both sources when the image names agree.
 
-Choices where the sources differ (benchmarks.md decides):
+Choices where the sources differ (each a parameter; the default follows MME's own release):
 - prompt: `official` sends the question as released, ending " Please answer yes or no."; `lmms-eval`
   removes that sentence and appends lmms-eval's single-word instruction (LLaVA-1.5's MME prompt).
 - parse: `official` (MME's eval_tool) by default; `lmms-eval` and `vlmevalkit` reproduce those

@@ -2,7 +2,7 @@
 
 MME scores exact yes/no answers, so the rule that reads a reply decides the number. Three rules are
 in use and give different scores for the same replies; each is reproduced here under its own name
-so a result says which one produced it (benchmarks.md, MME, "Parse"):
+so a result says which one produced it:
 
 - `official`: MME's eval_tool (`calculation.py`). Lowercase; an exact "yes"/"no" is taken; otherwise
   the first four characters decide: "yes" in them -> yes, else "no" in them -> no, else other.

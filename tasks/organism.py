@@ -12,8 +12,9 @@ output that starts with its fixed refusal sentence.
 
 Calibration splits use their own templates, disjoint from the test split's and from training,
 so CMRM anchors and ShiftDC directions never share a sample id with an evaluation run. They
-are text only (both defenses read only the text of calibration samples). Each split is one
-key because a task spec nested inside a defense spec (`cmrm:calibration=organism:split=...`)
+are text only, except `calibration_harmful_shape` / `calibration_benign_shape`, which attach a shape
+picture from the calibration stream (ShiftDC fits its direction on query + the model's caption of
+the picture, as its paper does). Each split is one key because a task spec nested inside a defense spec (`cmrm:calibration=organism:split=...`)
 can carry only one key.
 """
 
@@ -31,7 +32,17 @@ from harness.contracts.task import Task
 
 ImageMode = Literal["none", "shape", "blank"]
 Kind = Literal["harmful", "benign", "picture"]
-Split = Literal["test", "calibration", "calibration_harmful", "calibration_benign"]
+Split = Literal["test", "calibration", "calibration_harmful", "calibration_benign",
+                "calibration_harmful_shape", "calibration_benign_shape"]
+#: split -> (kinds, pictures). The `_shape` splits attach a shape picture from the calibration stream
+#: (never a test picture), for defenses fitted on image inputs (ShiftDC captions them).
+CALIBRATION_SPLITS: dict[str, tuple[tuple[str, ...], str]] = {
+    "calibration": (("harmful", "benign"), "none"),
+    "calibration_harmful": (("harmful",), "none"),
+    "calibration_benign": (("benign",), "none"),
+    "calibration_harmful_shape": (("harmful",), "shape"),
+    "calibration_benign_shape": (("benign",), "shape"),
+}
 PICTURES_PER_TEMPLATE = 16
 
 
@@ -68,10 +79,9 @@ class OrganismTask(Task):
     def samples(self) -> Iterator[Sample]:
         split = self.params.split
         if split != "test":
-            kinds = {"calibration": ("harmful", "benign"), "calibration_harmful": ("harmful",),
-                     "calibration_benign": ("benign",)}[split]
+            kinds, mode = CALIBRATION_SPLITS[split]
             for kind in kinds:
-                yield from self._requests("calibration", kind, "none", self._templates(data.CALIBRATION_TEMPLATES))
+                yield from self._requests("calibration", kind, mode, self._templates(data.CALIBRATION_TEMPLATES))
             return
         templates = self._templates(data.TEST_TEMPLATES)
         for mode in self.params.images:

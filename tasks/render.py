@@ -64,7 +64,7 @@ class TextCanvas:
         return image
 
 
-#: FigStep's canvas (benchmarks.md, FigStep image recipe): 760x760 white, FreeMonoBold 80 at (20, 10).
+#: FigStep's canvas (the release's image script): 760x760 white, FreeMonoBold 80 at (20, 10).
 FIGSTEP_CANVAS = TextCanvas(
     width=760, height=760, font=FIGSTEP_FONT, font_size=80, origin=(20, 10), line_spacing=11
 )
@@ -90,7 +90,7 @@ def render_figstep(instruction: str) -> Image.Image:
 #: metric-compatible with Arial (identical advance widths), so the greedy wrap below breaks lines
 #: at the same words and every image gets the release's size; only the glyph outlines differ.
 MMSB_FONT = "LiberationSans-Regular.ttf"
-#: The release's TYPO constants (benchmarks.md, MM-SafetyBench): width 1024, font size 90, the text
+#: The release's TYPO constants (MM-SafetyBench's typography script): width 1024, font size 90, the text
 #: drawn from (0, size / 2), canvas height size x (lines + 1). Pillow's default line spacing (4).
 MMSB_TYPO_CANVAS = TextCanvas(
     width=1024, height=180, font=MMSB_FONT, font_size=90, origin=(0, 45), line_spacing=4

@@ -24,12 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "data" / "golden_outputs.json"
 CALIB = "calibration_limit=24"
 # label -> spec. ShiftDC is pinned to what it computed before: direction fitted on the bare query
-# and its old layer default (`last`) spelled out.
+# and its old defaults (`layers=last`, `alpha=0.75`) spelled out.
 DEFENSES = {
     "none": "none",
     "cmrm_dataset": f"cmrm:calibration=organism:split=calibration,{CALIB}",
     "cmrm_sample": "cmrm:level=sample",
-    "shiftdc": ("shiftdc:layers=last,direction_input=query,calibration_unsafe=organism:split=calibration_harmful,"
+    "shiftdc": ("shiftdc:layers=last,alpha=0.75,direction_input=query,calibration_unsafe=organism:split=calibration_harmful,"
                 f"calibration_safe=organism:split=calibration_benign,{CALIB}"),
     "adashield": "adashield",
     "ecso": "ecso",

@@ -28,7 +28,8 @@ from harness.store import RunDir
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = {seed: ROOT / "organisms" / f"seed{seed}" for seed in (0, 1)}
 JUDGE = "keywords:preset=organism"
-SHIFTDC_CALIB = "calibration_unsafe=organism:split=calibration_harmful,calibration_safe=organism:split=calibration_benign"
+SHIFTDC_CALIB = ("calibration_unsafe=organism:split=calibration_harmful_shape,"
+                 "calibration_safe=organism:split=calibration_benign_shape")  # pictures: captioned for the direction
 CMRM_CALIB = "calibration=organism:split=calibration"
 # Chosen by the sweep (README, "Choosing the CMRM and ShiftDC defaults") and set as the defaults of CMRM and ShiftDC.
 STEERING = {"cmrm": f"cmrm:{CMRM_CALIB}", "shiftdc": f"shiftdc:{SHIFTDC_CALIB}"}

@@ -20,7 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fake_openai import FakeOpenAIServer, fake_openai  # noqa: E402
+from fake_openai import fake_openai  # noqa: E402
 from harness.contracts.backend import GenerationParams, user_request  # noqa: E402
 from harness.errors import ModelLoadError  # noqa: E402
 from harness.models.openai_api import OpenAIBackend  # noqa: E402

@@ -165,3 +165,18 @@ def test_bad_specs_fail_before_anything_runs(tmp_path):
     with pytest.raises(SpecError, match="unknown defense 'nope'"):
         Runner(_config(defenses=["nope"]), tmp_path / "r")
     assert not (tmp_path / "r").exists()
+
+
+def test_run_and_judge_write_identical_records(tmp_path):
+    """One judging stage: judging during the run, or afterwards with `realign judge`, gives the same
+    record (metrics, meanings, identities, judge bill) for the same verdicts."""
+    from harness.rejudge import rejudge
+
+    judged_in_run = json.loads(json.dumps(run(_config(), tmp_path / "a", progress=False)[0].to_json()))
+    run(_config(judges=[]), tmp_path / "b", progress=False)  # generate only
+    (judged_after,) = rejudge(tmp_path / "b", ["keywords"], progress=False)
+    assert judged_after == judged_in_run
+    assert judged_in_run["meanings"]["asr"] == {"kind": "safety", "better": "lower", "unit": "rate",
+                                                "scale": 1.0, "headline": True}
+    (again,) = rejudge(tmp_path / "a", ["keywords"], progress=False)  # verdicts already on disk
+    assert again == judged_in_run

@@ -30,9 +30,9 @@ from harness.analysis.meanings import declared_meaning, fallback_meaning, task_m
 from harness.contracts.meaning import MetricMeaning
 from harness.contracts.task import Task
 from harness.registry import tasks
-from harness.schema import RunConfig, Verdict
+from harness.schema import Verdict
 from harness.stats import McNemar, mcnemar, paired_bootstrap_diff
-from harness.store import Cell, RunDir, read_jsonl
+from harness.store import RunDir
 
 CellKey = tuple[str, str, str, "str | None"]  # model, defense, task, judge
 

@@ -48,11 +48,12 @@ class ShiftDC(SteeringDefense):
 
     @dataclass
     class Params:
-        # alpha and positions were chosen by `realign sweep` on the model organism (README, "Choosing
-        # the CMRM and ShiftDC defaults"): the most refusal restored with an image while benign
-        # helpfulness drops by at most 0.05. The sweep picked the organism's last layer, its top
-        # quarter; stated relative to depth (`top:0.25`) it means the same share of any model.
-        alpha: float = 0.75
+        # alpha, layers and positions were chosen by `realign sweep` on the model organism (README,
+        # "Choosing the CMRM and ShiftDC defaults"): the most refusal restored with an image while
+        # benign helpfulness drops by at most 0.05, with the direction fitted on query + caption. The
+        # sweep picked the organism's last layer, its top quarter; stated relative to depth
+        # (`top:0.25`) it means the same share of any model. alpha 1 is also the paper's (it has none).
+        alpha: float = 1.0
         layers: str = "top:0.25"
         positions: Literal["last_prompt+generated", "prefill_only"] = "prefill_only"
         direction_input: Literal["query_caption", "query"] = "query_caption"
