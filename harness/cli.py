@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -31,6 +33,8 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (HF models)")
     p.add_argument("--dtype", default=None, help="auto, float32, bfloat16, float16 (HF models)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-retry-errors", dest="retry_errors", action="store_false",
+                   help="keep generations and verdicts that failed before instead of trying them again")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="run directory")
     p.add_argument("--judge", action="extend", nargs="+", required=True, help="judge spec")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--no-retry-errors", dest="retry_errors", action="store_false",
+                   help="keep verdicts that ended as errors instead of asking again")
 
     p = sub.add_parser("agree", help="agreement of two judges on a run: Cohen's kappa, confusion matrix")
     p.add_argument("dir", help="run directory")
@@ -127,10 +133,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
     )
-    records = run(config, args.out, progress=not args.quiet)
-    print(render([r.to_json() for r in records]))
+    records = [r.to_json() for r in run(config, args.out, progress=not args.quiet, retry_errors=args.retry_errors)]
+    print(render(records))
     print(f"\nrun directory: {args.out}")
-    return 0
+    return error_summary(records)
+
+
+def error_summary(records: list[dict]) -> int:
+    """Exit status of a finished command: 0 when every generation and verdict succeeded, 1 when the
+    run finished with errors (counted per cell on stderr; re-running retries them)."""
+    failed = [r for r in records if r.get("generation_errors") or r.get("judge_errors")]
+    if not failed:
+        return 0
+    print(f"realign: finished with errors in {len(failed)} of {len(records)} result(s); re-run the same "
+          "command to retry them:", file=sys.stderr)
+    for r in failed:
+        print(f"  {r['model']} | {r['defense']} | {r['task']} | {r['judge'] or '-'}: "
+              f"{r.get('generation_errors', 0)} generation error(s), {r.get('judge_errors', 0)} judge error(s) "
+              f"of {r['n']}", file=sys.stderr)
+    return 1
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -159,7 +180,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    records = RunDir(Path(args.dir)).read_results()
+    from harness.analysis.leaderboard import check_records
+
+    rundir = RunDir(Path(args.dir))
+    records = check_records(rundir.read_results(), rundir.results_json)  # odd values: an error naming the file
     print(render(records, args.format, args.detail))
     if args.plot:
         from harness.analysis.plot import plot_run
@@ -202,9 +226,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_judge(args: argparse.Namespace) -> int:
     from harness.rejudge import rejudge
 
-    records = rejudge(args.dir, args.judge, progress=not args.quiet)
+    records = rejudge(args.dir, args.judge, progress=not args.quiet, retry_errors=args.retry_errors)
     print(render(records))
-    return 0
+    return error_summary(records)
 
 
 def cmd_agree(args: argparse.Namespace) -> int:
@@ -229,14 +253,59 @@ COMMANDS = {"run": cmd_run, "fit": cmd_fit, "list": cmd_list, "report": cmd_repo
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    previous = signal.signal(signal.SIGTERM, _terminate)  # a kill by a scheduler: stop like Ctrl-C
     try:
-        return COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe must fail here, inside the handlers, not at interpreter exit
+        return status
     except (RealignError, SpecError) as exc:
-        print(f"realign: error: {exc}", file=sys.stderr)
-        return 2
+        return _error(str(exc))
+    except BrokenPipeError:
+        # The reader went away (`realign report DIR | head -1`): what it wanted it has. Exit like a
+        # Unix tool killed by SIGPIPE (128 + 13), with no message, and point stdout at /dev/null so
+        # the interpreter's final flush has nowhere to fail ("Exception ignored ... BrokenPipeError").
+        _silence_stdout()
+        return 141
+    except OSError as exc:  # last: an unreadable file, a full disk, a path that is a folder...
+        return _error(os_error_message(exc))
+    except Terminated:
+        print("realign: terminated; re-run the same command to resume", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("realign: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _error(message: str) -> int:
+    """Bad input or an unusable file: one line on stderr, exit status 2 (what was written stays)."""
+    print(f"realign: error: {message}", file=sys.stderr)
+    return 2
+
+
+def os_error_message(exc: OSError) -> str:
+    """`path: reason` for an OSError from any layer that did not convert it itself."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    return f"{' -> '.join(paths)}: {reason}" if paths else reason
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real file descriptor (a captured or replaced stdout)
+        pass
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is so the run is marked `interrupted` like after Ctrl-C."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
 
 
 if __name__ == "__main__":

@@ -33,17 +33,18 @@ class CellKey:
 
 
 def judge_cell(cell: Cell, judge: Judge, samples: list[Sample], generations: dict[str, Generation],
-               progress: bool = False) -> dict[str, Verdict]:
-    """Verdicts for every sample, judging only those the judge's verdict file lacks (appended per
-    chunk, so a killed judge resumes where it stopped)."""
+               progress: bool = False, retry_errors: bool = True) -> dict[str, Verdict]:
+    """Verdicts for every sample, judging only those the judge's verdict file lacks, and (unless
+    `retry_errors` is false) those whose verdict was an error; appended per chunk, so a killed judge
+    resumes where it stopped, and a retried verdict supersedes the error it replaces."""
     stored = cell.verdicts(judge.spec)
-    pending = [s for s in samples if s.id not in stored]
+    pending = [s for s in samples if s.id not in stored or (retry_errors and stored[s.id].get("label") == "error")]
     bar = tqdm(total=len(samples), initial=len(samples) - len(pending), desc=f"judge {judge.spec}",
                disable=not progress or not pending, file=sys.stderr, unit="sample")
     for start in range(0, len(pending), JUDGE_CHUNK):
         chunk = pending[start : start + JUDGE_CHUNK]
         verdicts = judge.verdicts(chunk, [generations[s.id] for s in chunk])
-        cell.append_verdicts(judge.spec, [v.to_json() for v in verdicts])
+        cell.append_verdicts(judge.spec, [v.to_json() for v in verdicts], replace=any(s.id in stored for s in chunk))
         bar.update(len(chunk))
     bar.close()
     stored = cell.verdicts(judge.spec)
@@ -83,7 +84,7 @@ def result_record(key: CellKey, task: Task, judge: Judge | None, samples: list[S
 
 def score_cell(cell: Cell, task: Task, judges: list[Judge], samples: list[Sample],
                generations: dict[str, Generation], identity: dict[str, Any],
-               progress: bool = False) -> list[dict[str, Any]]:
+               progress: bool = False, retry_errors: bool = True) -> list[dict[str, Any]]:
     """Judge (if the task needs a judge) and score one cell: one record per judge, or one
     judge-less record for a task that scores answers itself."""
     key = CellKey(cell.model, cell.defense, cell.task)
@@ -93,7 +94,7 @@ def score_cell(cell: Cell, task: Task, judges: list[Judge], samples: list[Sample
         log.warning("task %s needs a judge and none was given: no metrics for it", task.spec)
     return [
         result_record(key, task, judge, samples, generations,
-                      judge_cell(cell, judge, samples, generations, progress), identity)
+                      judge_cell(cell, judge, samples, generations, progress, retry_errors), identity)
         for judge in judges
     ]
 

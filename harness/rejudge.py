@@ -18,6 +18,8 @@ from harness.contracts.judge import Judge
 from harness.errors import RunDirError
 from harness.judging import merge_record, score_cell
 from harness.registry import judges, tasks
+from harness.lock import run_lock
+from harness.schema import RunConfig
 from harness.store import Cell, RunDir
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,8 @@ def _cell_identity(cell: Cell, records: list[dict[str, Any]], info: dict[str, An
             "defense": {"spec": cell.defense}, "task": {"spec": cell.task}}
 
 
-def rejudge(run_dir: str | Path, judge_specs: list[str], progress: bool = True) -> list[dict[str, Any]]:
+def rejudge(run_dir: str | Path, judge_specs: list[str], progress: bool = True,
+            retry_errors: bool = True) -> list[dict[str, Any]]:
     """Judge every saved generation of a run with each judge; update and return its result records.
 
     Every judge is built before any judging, so a bad spec fails at once. Records of other judges
@@ -46,6 +49,12 @@ def rejudge(run_dir: str | Path, judge_specs: list[str], progress: bool = True) 
     rundir = RunDir(Path(run_dir))
     config, info = rundir.config()
     built: list[Judge] = [judges.build(spec) for spec in judge_specs]
+    with run_lock(rundir.root, "realign judge"):
+        return _rejudge(rundir, config, info, built, progress, retry_errors)
+
+
+def _rejudge(rundir: RunDir, config: RunConfig, info: dict[str, Any], built: list[Judge], progress: bool,
+             retry_errors: bool) -> list[dict[str, Any]]:
     try:
         existing = rundir.read_results()
     except RunDirError:
@@ -58,7 +67,7 @@ def rejudge(run_dir: str | Path, judge_specs: list[str], progress: bool = True) 
             continue
         samples, generations = cell.load()
         identity = _cell_identity(cell, existing, info)
-        for record in score_cell(cell, task, built, samples, generations, identity, progress):
+        for record in score_cell(cell, task, built, samples, generations, identity, progress, retry_errors):
             new.append(record)
             merge_record(existing, record)
             rundir.write_results(existing)

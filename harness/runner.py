@@ -22,13 +22,15 @@ from harness.contracts.backend import Backend, GenerationParams
 from harness.contracts.defense import Defense, DefenseContext
 from harness.contracts.judge import Judge
 from harness.contracts.task import Task
-from harness.errors import DataError
+from harness.errors import DataError, RunDirError
 from harness.judging import score_cell
+from harness.lock import run_lock
 from harness.models.resolve import resolve_backend
 from harness.provenance import git_commit, host_info, package_versions
 from harness.registry import defenses, judges, tasks
 from harness.samples import load_samples, split_loadable
 from harness.schema import Generation, ResultRecord, RunConfig, Sample
+from harness.spec import SpecError
 from harness.store import RunDir
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,8 @@ class Plan:
         for spec, entry, _ in models:
             for d in built_defenses:
                 d.check_backend_class(entry.cls, spec)  # capabilities, on the class: nothing loads
+        for d in built_defenses:
+            check_calibration(d)
         return cls(
             config=config,
             models=models,
@@ -65,6 +69,21 @@ class Plan:
             tasks=[tasks.build(t) for t in config.tasks],
             judges=[judges.build(j) for j in config.judges],
         )
+
+
+def check_calibration(defense: Defense) -> None:
+    """A defense's calibration task specs and fitted file, checked before anything is written: a
+    typo there must fail in a second, not after the run directory claims a configuration."""
+    plan = defense.calibration()
+    if plan is None:
+        return
+    if plan.file and not Path(plan.file).expanduser().exists():
+        raise DataError(f"defense {defense.spec!r}: fitted file {plan.file} does not exist")
+    for role, spec in plan.sets.items():
+        try:
+            tasks.build(spec)
+        except SpecError as exc:
+            raise SpecError(f"defense {defense.spec!r}, calibration set {role!r}: {exc}") from None
 
 
 def generate_batch(defense: Defense, backend: Backend, batch: list[Sample], params: GenerationParams) -> list[Generation]:
@@ -82,12 +101,14 @@ def _generation_record(sample: Sample, gen: Generation) -> dict[str, Any]:
 
 
 class Runner:
-    def __init__(self, config: RunConfig, out: str | Path, progress: bool = True, argv: list[str] | None = None) -> None:
+    def __init__(self, config: RunConfig, out: str | Path, progress: bool = True, argv: list[str] | None = None,
+                 retry_errors: bool = True) -> None:
         self.config = config
         self.plan = Plan.build(config)
         self.rundir = RunDir(Path(out))
         self.progress = progress
         self.argv = argv if argv is not None else sys.argv
+        self.retry_errors = retry_errors
         self.info: dict[str, Any] = {}
         self.results: list[dict[str, Any]] = []
 
@@ -116,37 +137,61 @@ class Runner:
         return GenerationParams(c.max_new_tokens, c.min_new_tokens, c.do_sample, c.temperature, c.top_p, c.seed)
 
     def run(self) -> list[ResultRecord]:
-        self._start()
-        for model_spec, entry, params in self.plan.models:
-            backend: Backend | None = None
-
-            def get_backend() -> Backend:
-                nonlocal backend
-                if backend is None:
-                    log.info("loading model %s", model_spec)
-                    backend = entry.cls(params)
-                    backend.spec = model_spec
-                    self.info["backends"][model_spec] = backend.identity()
-                    self.rundir.write_run_info(self.info)
-                return backend
-
+        """Generate, judge and score every cell; one writer at a time per run directory."""
+        with run_lock(self.rundir.root, "realign run"):
+            self._warn_short_budget()
+            self._start()
             try:
-                for defense in self.plan.defenses:
-                    for task in self.plan.tasks:
-                        self._run_cell(model_spec, get_backend, defense, task)
-            finally:
-                if backend is not None:
-                    backend.close()
-        self.info["status"] = "complete"
-        self.info["sessions"][-1]["finished_at"] = _now()
-        self.rundir.write_run_info(self.info)
+                for model_spec, entry, params in self.plan.models:
+                    self._run_model(model_spec, entry, params)
+            except BaseException as exc:
+                self._finish("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+                raise
+            self._finish("complete")
         return [ResultRecord.from_json(r) for r in self.results]
+
+    def _finish(self, status: str) -> None:
+        self.info["status"] = status
+        self.info["sessions"][-1]["finished_at"] = _now()
+        try:
+            self.rundir.write_run_info(self.info)
+        except RunDirError as exc:  # the original error matters more than the bookkeeping
+            log.warning("%s", exc)
+
+    def _warn_short_budget(self) -> None:
+        """A judge that needs longer answers than the run generates would score truncations."""
+        for judge in self.plan.judges:
+            need = judge.min_new_tokens() if hasattr(judge, "min_new_tokens") else None
+            if need is not None and self.config.max_new_tokens < need:
+                log.warning("judge %s needs answers of at least %d new tokens to read them, but --max-new-tokens "
+                            "is %d: truncated answers may be misjudged", judge.spec, need, self.config.max_new_tokens)
+
+    def _run_model(self, model_spec: str, entry: Any, params: Any) -> None:
+        backend: Backend | None = None
+
+        def get_backend() -> Backend:
+            nonlocal backend
+            if backend is None:
+                log.info("loading model %s", model_spec)
+                backend = entry.cls(params)
+                backend.spec = model_spec
+                self.info["backends"][model_spec] = backend.identity()
+                self.rundir.write_run_info(self.info)
+            return backend
+
+        try:
+            for defense in self.plan.defenses:
+                for task in self.plan.tasks:
+                    self._run_cell(model_spec, get_backend, defense, task)
+        finally:
+            if backend is not None:
+                backend.close()
 
     def _run_cell(self, model_spec: str, get_backend: Callable[[], Backend], defense: Defense, task: Task) -> None:
         cell = self.rundir.cell(model_spec, defense.spec, task.spec)
         samples = load_samples(task, self.config.limit)
         done = cell.generations()
-        pending = [s for s in samples if s.id not in done]
+        pending = [s for s in samples if s.id not in done or (self.retry_errors and done[s.id].get("error"))]
         label = f"{model_spec} | {defense.spec} | {task.spec}"
         if pending:
             backend = get_backend()
@@ -162,7 +207,8 @@ class Runner:
             for start in range(0, len(pending), self.config.batch_size):
                 batch = pending[start : start + self.config.batch_size]
                 gens = generate_batch(defense, backend, batch, params)
-                cell.append_generations([_generation_record(s, g) for s, g in zip(batch, gens)])
+                cell.append_generations([_generation_record(s, g) for s, g in zip(batch, gens)],
+                                        replace=any(s.id in done for s in batch))
                 bar.update(len(batch))
             bar.close()
             done = cell.generations()
@@ -173,14 +219,16 @@ class Runner:
             "task": task.identity(),
         }
         cell.write_identity(identity)
-        for record in score_cell(cell, task, self.plan.judges, samples, generations, identity, self.progress):
+        for record in score_cell(cell, task, self.plan.judges, samples, generations, identity, self.progress,
+                                 retry_errors=self.retry_errors):
             self.results.append(record)
             self.rundir.write_results(self.results)
 
 
-def run(config: RunConfig, out: str | Path, progress: bool = True) -> list[ResultRecord]:
-    """Run (or resume) a configuration into `out` and return its result records."""
+def run(config: RunConfig, out: str | Path, progress: bool = True, retry_errors: bool = True) -> list[ResultRecord]:
+    """Run (or resume) a configuration into `out` and return its result records. Samples whose
+    generation or verdict failed before are tried again unless `retry_errors` is false."""
     start = time.perf_counter()
-    records = Runner(config, out, progress=progress).run()
+    records = Runner(config, out, progress=progress, retry_errors=retry_errors).run()
     log.info("run finished in %.1f s", time.perf_counter() - start)
     return records

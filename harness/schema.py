@@ -9,10 +9,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 from PIL import Image
+
+from harness.spec import SpecError
 
 VerdictLabel = Literal["unsafe", "safe", "refusal", "error"]
 VERDICT_LABELS: tuple[str, ...] = ("unsafe", "safe", "refusal", "error")
@@ -126,9 +129,49 @@ class Verdict:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+#: The values of `--dtype`: the HF backend's `dtype` parameter (a test keeps the two equal).
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_count(option: str, value: Any, minimum: int, optional: bool = False) -> None:
+    """An integer option at least `minimum`, or a SpecError naming the option as typed (`--batch-size`):
+    a zero batch size or token budget would otherwise fail deep in generation, or silently do nothing."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(f"{option} must be an integer, got {value!r}")
+    if value < minimum:
+        raise SpecError(f"{option} must be at least {minimum}, got {value}")
+
+
+def check_dtype(value: Any) -> None:
+    """`--dtype`: None (the backend's default) or one of DTYPE_CHOICES; anything else used to be
+    recorded as asked and then loaded as float32, so the run claimed a precision it never used."""
+    if value is not None and value not in DTYPE_CHOICES:
+        raise SpecError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {value!r}")
+
+
+def _check_sampling(do_sample: bool, temperature: Any, top_p: Any) -> None:
+    for option, value in (("--temperature", temperature), ("--top-p", top_p)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise SpecError(f"{option} must be a number, got {value!r}")
+    if temperature < 0:
+        raise SpecError(f"--temperature must be above 0, got {temperature:g}")
+    if do_sample and temperature == 0:
+        raise SpecError("--temperature must be above 0 when sampling (--do-sample), got 0; "
+                        "leave out --do-sample for greedy decoding")
+    if not 0 < top_p <= 1:
+        raise SpecError(f"--top-p must be in (0, 1], got {top_p:g}")
+
+
 @dataclass
 class RunConfig:
-    """Everything that decides what a run generates. Stored in run.json and compared on resume."""
+    """Everything that decides what a run generates. Stored in run.json and compared on resume.
+
+    Values are checked when the config is built, so the CLI and the Python API refuse the same
+    mistakes with the same message naming the option; a config read back from run.json
+    (`from_json`) is taken as recorded, so an old run stays readable and re-judgeable.
+    """
 
     models: list[str]
     defenses: list[str]
@@ -144,6 +187,22 @@ class RunConfig:
     seed: int = 0
     device: str | None = None
     dtype: str | None = None
+    check: dataclasses.InitVar[bool] = True
+
+    def __post_init__(self, check: bool) -> None:
+        if not check:
+            return
+        check_count("--batch-size", self.batch_size, 1)
+        check_count("--limit", self.limit, 1, optional=True)
+        check_count("--max-new-tokens", self.max_new_tokens, 1)
+        check_count("--min-new-tokens", self.min_new_tokens, 0)
+        if self.min_new_tokens > self.max_new_tokens:
+            raise SpecError(f"--min-new-tokens ({self.min_new_tokens}) is above --max-new-tokens ({self.max_new_tokens})")
+        check_count("--seed", self.seed, -(2**63))  # any integer torch accepts
+        _check_sampling(self.do_sample, self.temperature, self.top_p)
+        check_dtype(self.dtype)
+        if self.device is not None and (not isinstance(self.device, str) or not self.device.strip()):
+            raise SpecError(f"--device must name a device (cpu, cuda, cuda:N, mps), got {self.device!r}")
 
     # Fields that may change between a run and its resumption without changing any output:
     # judges can be added, the limit raised, and batching changed.
@@ -161,7 +220,7 @@ class RunConfig:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunConfig:
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return cls(**{k: v for k, v in data.items() if k in names}, check=False)
 
 
 @dataclass

@@ -12,6 +12,7 @@ and a torn last line (a kill during a write) is dropped with a warning on the ne
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,6 +24,7 @@ from typing import Any, Iterable, Iterator
 import jsonlines
 
 from harness.errors import RunDirError
+from harness.lock import BOOKKEEPING
 from harness.schema import Generation, RunConfig, Sample, dumps
 
 log = logging.getLogger(__name__)
@@ -39,35 +41,51 @@ def slug(spec: str) -> str:
     return s
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write JSON through a temporary file and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _unwritable(path: Path, exc: OSError) -> RunDirError:
+    return RunDirError(f"{path}: cannot write ({exc.strerror or exc}); nothing of this write was kept, and the "
+                       "records written before are intact: fix the cause and re-run to resume")
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write through a temporary file and rename, so readers never see half a file; on failure (a
+    full disk, a permission error) the temporary file is removed and the old file is untouched."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise _unwritable(path, exc) from None
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def _repair_torn_tail(path: Path) -> None:
-    """Cut a last line that lacks its newline or does not parse (a write interrupted by a kill)."""
+    """Make the file end at a record boundary. A last line without its newline that is a complete
+    JSON object (a full disk can leave one) is kept and given its newline; a last line that does not
+    parse (a write interrupted by a kill) is cut."""
     if not path.exists() or path.stat().st_size == 0:
         return
     with open(path, "rb+") as fh:
         data = fh.read()
-        cut = len(data)
-        if not data.endswith(b"\n"):
-            cut = data.rfind(b"\n") + 1
-        else:
-            start = data.rfind(b"\n", 0, len(data) - 1) + 1
-            try:
-                json.loads(data[start:])
-            except json.JSONDecodeError:
-                cut = start
-        if cut != len(data):
-            log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted write", path, len(data) - cut)
-            fh.truncate(cut)
+        start = data.rfind(b"\n", 0, len(data) - 1) + 1
+        try:
+            complete = isinstance(json.loads(data[start:]), dict)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            complete = False
+        if complete and not data.endswith(b"\n"):
+            fh.write(b"\n")
+            log.warning("%s: the last record lacked its newline; kept and completed", path)
+        elif not complete:
+            log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted write", path, len(data) - start)
+            fh.truncate(start)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -91,17 +109,42 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def append_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
-    """Append records (canonical one-line JSON) and fsync: once this returns they survive a crash."""
+    """Append records (canonical one-line JSON) and fsync: once this returns they survive a crash.
+    A failed write (full disk) is rolled back to the last complete record and reported."""
     records = list(records)
     if not records:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _repair_torn_tail(path)
-    with open(path, "a", encoding="utf-8") as fh:
-        with jsonlines.Writer(fh, dumps=dumps) as writer:
-            writer.write_all(records)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _repair_torn_tail(path)
+        size = path.stat().st_size if path.exists() else 0
+    except OSError as exc:
+        raise _unwritable(path, exc) from None
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            with jsonlines.Writer(fh, dumps=dumps) as writer:
+                writer.write_all(records)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.truncate(path, size)
+        raise _unwritable(path, exc) from None
+
+
+def supersede_jsonl(path: Path, records: list[dict[str, Any]], key: str) -> None:
+    """Put `records` in the file, each replacing the record with the same `key` value in place (a
+    retried error supersedes the failed record; ids are never duplicated), the rest appended. The
+    whole file is rewritten atomically, so a kill leaves either the old or the new file."""
+    new = {rec[key]: rec for rec in records}
+    kept = []
+    for rec in read_jsonl(path):
+        if rec[key] in new:
+            kept.append(new.pop(rec[key]))
+        else:
+            kept.append(rec)
+    kept += list(new.values())
+    atomic_write(path, "".join(dumps(r) + "\n" for r in kept))
 
 
 class Cell:
@@ -130,8 +173,12 @@ class Cell:
             out.setdefault(rec["sample_id"], rec)
         return out
 
-    def append_generations(self, records: list[dict[str, Any]]) -> None:
-        append_jsonl(self.generations_path, records)
+    def append_generations(self, records: list[dict[str, Any]], replace: bool = False) -> None:
+        """Append, or (`replace`: some ids are already on disk, e.g. retried errors) supersede them."""
+        if replace:
+            supersede_jsonl(self.generations_path, records, "sample_id")
+        else:
+            append_jsonl(self.generations_path, records)
 
     def verdicts_path(self, judge: str) -> Path:
         return self.dir / "verdicts" / f"{slug(judge)}.jsonl"
@@ -142,8 +189,11 @@ class Cell:
             out.setdefault(rec["sample_id"], rec)
         return out
 
-    def append_verdicts(self, judge: str, records: list[dict[str, Any]]) -> None:
-        append_jsonl(self.verdicts_path(judge), records)
+    def append_verdicts(self, judge: str, records: list[dict[str, Any]], replace: bool = False) -> None:
+        if replace:
+            supersede_jsonl(self.verdicts_path(judge), records, "sample_id")
+        else:
+            append_jsonl(self.verdicts_path(judge), records)
 
     def write_identity(self, identity: dict[str, Any]) -> None:
         """The identities (model, defense, task) the cell's generations were made with, so a later
@@ -194,9 +244,12 @@ class RunDir:
         if not self.run_json.exists():
             return None
         try:
-            return json.loads(self.run_json.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
+            info = json.loads(self.run_json.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise RunDirError(f"{self.run_json} is not valid JSON: {exc}") from None
+        if not isinstance(info, dict):
+            raise RunDirError(f"{self.run_json} is not a realign run.json (expected an object)")
+        return info
 
     def check_compatible(self, identity: dict[str, Any]) -> dict[str, Any] | None:
         """Refuse to mix two configurations in one directory; return the stored run info."""
@@ -204,10 +257,15 @@ class RunDir:
             raise RunDirError(f"output path {self.root} exists and is not a directory")
         info = self.load_run_info()
         if info is None:
-            if self.root.exists() and any(self.root.iterdir()):
+            if self.root.exists() and any(p.name not in BOOKKEEPING for p in self.root.iterdir()):
                 raise RunDirError(f"output directory {self.root} is not empty and holds no run.json; choose another --out")
             return None
         stored = info.get("generation_identity")
+        if stored != identity and not self.has_generations():
+            # A run that failed before generating anything (a typo, a model that would not load)
+            # must not block the corrected command: nothing in it depends on the old configuration.
+            log.info("%s: replacing the configuration of a run that generated nothing", self.root)
+            return None
         if stored != identity:
             diffs = sorted(k for k in set(stored or {}) | set(identity) if (stored or {}).get(k) != identity.get(k))
             raise RunDirError(
@@ -215,6 +273,10 @@ class RunDir:
                 "use a new --out directory, or the same options to resume"
             )
         return info
+
+    def has_generations(self) -> bool:
+        """Whether any cell holds a generation record (a run that got that far)."""
+        return any(p.stat().st_size > 0 for p in self.root.rglob("generations.jsonl"))
 
     def cell(self, model: str, defense: str, task: str) -> Cell:
         return Cell(self.root, model, defense, task)
@@ -245,4 +307,11 @@ class RunDir:
     def read_results(self) -> list[dict[str, Any]]:
         if not self.results_json.exists():
             raise RunDirError(f"{self.results_json} does not exist (has the run finished a cell?)")
-        return json.loads(self.results_json.read_text(encoding="utf-8"))["results"]
+        try:
+            data = json.loads(self.results_json.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise RunDirError(f"{self.results_json}: not a readable results.json ({exc})") from None
+        records = data.get("results") if isinstance(data, dict) else None
+        if not isinstance(records, list) or not all(isinstance(r, dict) and "metrics" in r for r in records):
+            raise RunDirError(f"{self.results_json}: not a realign results.json (expected {{\"results\": [records]}})")
+        return records

@@ -13,10 +13,13 @@ Why SQLite in WAL mode:
 - `synchronous=NORMAL` skips the fsync per commit: a killed *process* loses nothing committed,
   only a power cut can drop the last few verdicts (which are then simply asked again).
 
-The cache is an optimisation, never a source of truth that can hurt a run: a failing write is
-logged and the verdict is still returned. Judge errors caused by the transport (timeouts, 5xx
-after retries) are not cached, so a re-run asks again; verdicts the judge actually gave
-(including an unreadable reply) are.
+The cache is an optimisation, never a source of truth that can hurt a run. `VerdictCache` is the
+plain SQLite handle (its methods raise); judges use it through `FailSoftCache`, which turns any
+failure to open, read or write (full disk, unwritable or misplaced folder, corrupt file) into one
+warning naming the file and the reason, after which that judge runs without the cache: reads are
+misses, writes are skipped, so verdicts are exactly those of `cache=false`. Judge errors caused by
+the transport (timeouts, 5xx after retries) are not cached, so a re-run asks again; verdicts the
+judge actually gave (including an unreadable reply) are.
 
 Location: `$REALIGN_CACHE/judge-verdicts.sqlite`, else `~/.cache/realign/judge-verdicts.sqlite`.
 """
@@ -30,9 +33,10 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from harness.schema import dumps
 
@@ -83,16 +87,20 @@ class CachedVerdict:
 
 
 class VerdictCache:
-    """A thread-safe handle on the cache file; one per judge instance is enough."""
+    """A thread-safe handle on the cache file; one per judge instance is enough. Its methods raise
+    on failure (sqlite3.Error, OSError); judges reach it through `FailSoftCache`."""
 
     def __init__(self, path: str | Path | None = None, busy_timeout: float = 60.0) -> None:
         self.path = Path(path) if path is not None else default_cache_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._warned = False
         # isolation_level=None: autocommit, each statement is its own transaction.
         self._conn = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
-        self._init(busy_timeout)
+        try:
+            self._init(busy_timeout)
+        except sqlite3.Error:
+            self._conn.close()  # e.g. "file is not a database", "database or disk is full"
+            raise
 
     def _init(self, busy_timeout: float) -> None:
         deadline = time.monotonic() + busy_timeout
@@ -126,20 +134,14 @@ class VerdictCache:
         return out
 
     def put(self, key: str, judge: str, sample_id: str, label: str, raw: str | None, detail: dict[str, Any]) -> bool:
-        """Store one verdict (the first writer of a key wins). False if the write failed."""
-        try:
-            with self._lock:
-                self._conn.execute(
-                    "INSERT OR IGNORE INTO verdicts (key, judge, sample_id, label, raw, detail, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (key, judge, sample_id, label, raw, dumps(detail), time.time()),
-                )
-            return True
-        except sqlite3.Error as exc:
-            if not self._warned:
-                log.warning("verdict cache %s: write failed (%s); verdicts are kept, only not cached", self.path, exc)
-                self._warned = True
-            return False
+        """Store one verdict (the first writer of a key wins); a failed write raises sqlite3.Error."""
+        with self._lock:
+            self._conn.execute(
+                "INSERT OR IGNORE INTO verdicts (key, judge, sample_id, label, raw, detail, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (key, judge, sample_id, label, raw, dumps(detail), time.time()),
+            )
+        return True
 
     def __len__(self) -> int:
         with self._lock:
@@ -158,3 +160,75 @@ class VerdictCache:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+#: What a broken cache raises: SQLite errors (full disk, locked past the timeout, not a database),
+#: OS errors (the folder cannot be made or written), ValueError (a stored detail that is not JSON).
+CACHE_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error, OSError, ValueError)
+
+
+class FailSoftCache:
+    """The judge's view of the cache: opened on first use, and turned off for good by the first
+    failure, with one warning (file and reason). Why: a judge must never stop for its cache, and
+    a cache that failed once (a full disk) would only fail again or flood the log."""
+
+    def __init__(self, path: str | Path | None = None, opener: Callable[[Path], VerdictCache] = VerdictCache) -> None:
+        self.path = Path(path) if path is not None else default_cache_path()
+        self._opener = opener
+        self._cache: VerdictCache | None = None
+        self._lock = threading.Lock()
+        self.failure: str | None = None  # why the cache is off, once it is
+
+    def _open(self) -> VerdictCache | None:
+        with self._lock:
+            if self._cache is None and self.failure is None:
+                try:
+                    self._cache = self._opener(self.path)
+                except CACHE_ERRORS as exc:
+                    self._fail_locked("cannot be opened", exc)
+            return self._cache
+
+    def _fail(self, what: str, exc: BaseException) -> None:
+        with self._lock:
+            self._fail_locked(what, exc)
+
+    def _fail_locked(self, what: str, exc: BaseException) -> None:
+        if self.failure is not None:
+            return
+        self.failure = f"{what}: {type(exc).__name__}: {exc}"
+        log.warning("verdict cache %s %s; judging continues without the cache (nothing read from it or "
+                    "written to it; verdicts are unchanged)", self.path, self.failure)
+        cache, self._cache = self._cache, None
+        if cache is not None:
+            try:
+                cache.close()
+            except CACHE_ERRORS:
+                pass
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, CachedVerdict]:
+        """Stored verdicts by key; {} (all misses) when the cache is off or the read fails."""
+        cache = self._open()
+        if cache is None:
+            return {}
+        try:
+            return cache.get_many(keys)
+        except CACHE_ERRORS as exc:
+            self._fail("read failed", exc)
+            return {}
+
+    def put(self, key: str, judge: str, sample_id: str, label: str, raw: str | None, detail: dict[str, Any]) -> bool:
+        """Store one verdict; False (skipped) when the cache is off or the write fails."""
+        cache = self._open()
+        if cache is None:
+            return False
+        try:
+            return cache.put(key, judge, sample_id, label, raw, detail)
+        except CACHE_ERRORS as exc:
+            self._fail("write failed", exc)
+            return False
+
+    def close(self) -> None:
+        with self._lock:
+            cache, self._cache = self._cache, None
+        if cache is not None:
+            cache.close()

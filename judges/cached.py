@@ -17,7 +17,9 @@ comparable, so it is written here once:
 - usage (verdicts, errors, cache hits, requests, tokens) is summed per judge instance, so a
   run's judge bill is visible (`usage_record`);
 - `cache=false` turns the cache off; it is opened lazily, so a judge that is never asked
-  never touches the cache file.
+  never touches the cache file;
+- the cache never stops a judge: a failure to open, read or write it warns once and the judge
+  goes on without it (`judges.cache.FailSoftCache`), with the verdicts of `cache=false`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any, Generic, TypeVar
 from harness.contracts.judge import Judge
 from harness.models.remote import ChatSession, RemoteChat, run_sync
 from harness.schema import Generation, Sample, Verdict, dumps
-from judges.cache import VerdictCache, cache_key
+from judges.cache import FailSoftCache, cache_key
 
 C = TypeVar("C")
 
@@ -92,7 +94,7 @@ class CachedJudge(Judge, Generic[C]):
     def __init__(self, params: Any) -> None:
         super().__init__(params)
         self.usage = Usage()
-        self._cache: VerdictCache | None = None
+        self._cache: FailSoftCache | None = None
 
     # ---- what subclasses say --------------------------------------------------------------
     @abstractmethod
@@ -116,10 +118,10 @@ class CachedJudge(Judge, Generic[C]):
         raise NotImplementedError(f"{type(self).__name__} has no local judging")
 
     # ---- shared machinery -----------------------------------------------------------------
-    def cache(self) -> VerdictCache | None:
-        """The verdict cache, opened on first use; None with cache=false."""
+    def cache(self) -> FailSoftCache | None:
+        """The verdict cache (its file is opened on first read or write); None with cache=false."""
         if self.params.cache and self._cache is None:
-            self._cache = VerdictCache()
+            self._cache = FailSoftCache()
         return self._cache
 
     def usage_record(self) -> dict[str, int]:

@@ -42,6 +42,21 @@ def _read_lines(text: str, where: str) -> list[str]:
     return out
 
 
+def _decode(data: bytes, path: Path) -> str:
+    """The file as UTF-8 text, or a DataError naming the file and the line of the first bad byte:
+    a picture or a Latin-1 export given as `file=` must not surface as a UnicodeDecodeError."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(f"request file {path} line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                        f"{exc.start}); give a text file with one request per line") from None
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise DataError(f"request file {path} line {line}: holds a NUL byte, so it is a binary file, not text")
+    return text
+
+
 @task("requests")
 class Requests(Task):
     """Text-only requests (bundled benign set or file=); metric: refusal rate."""
@@ -58,9 +73,10 @@ class Requests(Task):
         if self.params.file:
             path = Path(self.params.file)
             try:
-                return path.read_text(encoding="utf-8"), str(path)
+                data = path.read_bytes()
             except OSError as exc:
                 raise DataError(f"request file {path}: {exc.strerror or exc}") from None
+            return _decode(data, path), str(path)
         name = f"{self.params.set}_requests.txt"
         return resources.files("tasks").joinpath("data", name).read_text(encoding="utf-8"), f"tasks/data/{name}"
 

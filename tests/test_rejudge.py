@@ -140,8 +140,11 @@ def test_kappa_and_judge_list_helpers():
 
 
 def test_cli_judge_and_agree(run_dir: Path, capsys: pytest.CaptureFixture[str]):
-    assert main(["judge", str(run_dir), "--judge", "keywords", "keywords:preset=broad", "--quiet"]) == 0
-    assert "keywords:preset=broad" in capsys.readouterr().out
+    # The run holds one failed generation: judging finishes, but with an error per judge (exit 1).
+    assert main(["judge", str(run_dir), "--judge", "keywords", "keywords:preset=broad", "--quiet"]) == 1
+    out = capsys.readouterr()
+    assert "keywords:preset=broad" in out.out
+    assert "1 generation error(s), 1 judge error(s) of 24" in out.err
     assert main(["agree", str(run_dir), "--judges", "keywords,keywords:preset=broad"]) == 0
     assert "Cohen's kappa" in capsys.readouterr().out
     assert main(["agree", str(run_dir), "--judges", "keywords,keywords:preset=broad", "--format", "json"]) == 0

@@ -43,6 +43,10 @@ def test_run_dir_refuses_other_config(tmp_path):
     assert rd.check_compatible({"models": ["a"]}) is None
     rd.write_run_info({"generation_identity": {"models": ["a"], "seed": 0}})
     rd.check_compatible({"models": ["a"], "seed": 0})
+    # A run that generated nothing (it failed at setup) does not block a corrected configuration...
+    assert rd.check_compatible({"models": ["a"], "seed": 1}) is None
+    # ...but once a generation is on disk, another configuration is refused.
+    rd.cell("a", "none", "demo").append_generations([{"sample_id": "s1", "output": "x"}])
     with pytest.raises(RunDirError, match="differs in: seed"):
         rd.check_compatible({"models": ["a"], "seed": 1})
     assert json.loads((tmp_path / "run" / "run.json").read_text())["generation_identity"]["seed"] == 0

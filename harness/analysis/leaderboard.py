@@ -12,6 +12,7 @@ same bytes (a published leaderboard can be rebuilt and diffed).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -49,19 +50,46 @@ def _read_json(path: Path) -> Any:
         raise LeaderboardError(f"{path}: not valid JSON ({exc})") from None
 
 
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _record_problem(rec: Any) -> str | None:
+    """Why one results.json record cannot be read as numbers (None when it can): the report, the
+    leaderboard and the gate all compute with these fields, so a hand-edited `"value": "high"`
+    must stop here with its name rather than as a TypeError deep inside a table or a comparison."""
+    missing = [k for k in ("model", "defense", "task", "judge", "n", "metrics") if not isinstance(rec, dict) or k not in rec]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    for key in ("model", "defense", "task"):
+        if not isinstance(rec[key], str):
+            return f"{key} must be a string, got {rec[key]!r}"
+    if rec["judge"] is not None and not isinstance(rec["judge"], str):
+        return f"judge must be a string or null, got {rec['judge']!r}"
+    for key in ("n", "generation_errors", "judge_errors"):  # the error counts may be absent or null
+        value = rec["n"] if key == "n" else rec.get(key) or 0
+        if not (_is_number(value) and math.isfinite(value) and value >= 0 and value == int(value)):
+            return f"{key} must be a count (an integer >= 0), got {value!r}"
+    if not isinstance(rec["metrics"], dict):
+        return "has malformed metrics (an object of metric -> {value, low, high, n})"
+    for name, m in rec["metrics"].items():
+        if not isinstance(m, dict) or "value" not in m:
+            return f"metric {name!r} is malformed (it needs value, low, high, n)"
+        for key in ("value", "low", "high", "n"):
+            if m.get(key) is not None and not _is_number(m[key]):
+                return f"metric {name!r}: {key} {m[key]!r} is not a number"
+    return check_meanings(rec)
+
+
 def check_records(records: Any, where: Path) -> list[dict[str, Any]]:
     """Result records of a results.json, or an error naming the file and the record at fault."""
     if not isinstance(records, list):
         raise LeaderboardError(f"{where}: expected {{\"results\": [...]}}, a realign results.json")
     for i, rec in enumerate(records):
-        missing = [k for k in ("model", "defense", "task", "judge", "n", "metrics") if not isinstance(rec, dict) or k not in rec]
-        if missing:
-            raise LeaderboardError(f"{where}: result {i} lacks {', '.join(missing)}")
-        if not isinstance(rec["metrics"], dict) or not all(isinstance(m, dict) and "value" in m for m in rec["metrics"].values()):
-            raise LeaderboardError(f"{where}: result {i} has malformed metrics (each needs value, low, high, n)")
-        problem = check_meanings(rec)
+        problem = _record_problem(rec)
         if problem:
-            raise LeaderboardError(f"{where}: result {i}: {problem}")
+            raise LeaderboardError(f"{where}: result {i} {problem}" if problem.startswith(("lacks", "has ")) else
+                                   f"{where}: result {i}: {problem}")
     return records
 
 
@@ -251,16 +279,27 @@ def write(doc: dict[str, Any], out: str | Path, with_page: bool = True) -> Path:
     """
     out = Path(out)
     target = out if out.suffix == ".json" else out / "leaderboard.json"
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_file() and target != out:
+        raise LeaderboardError(f"--out {out} is a file; give a folder, or a file name ending in .json")
+    if target.is_dir():
+        raise LeaderboardError(f"--out {target} is a folder; give a folder to write leaderboard.json into, "
+                               "or a file name ending in .json")
     data = encode(doc)
     tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(target)
-    source = page_source_dir()
-    if with_page and source.resolve() != target.parent.resolve():
-        for name in PAGE_FILES:
-            if (source / name).is_file() and not (target.parent / name).exists():
-                shutil.copyfile(source / name, target.parent / name)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        tmp.replace(target)  # atomic: an existing leaderboard.json is whole before and after
+        source = page_source_dir()
+        if with_page and source.resolve() != target.parent.resolve():
+            for name in PAGE_FILES:
+                if (source / name).is_file() and not (target.parent / name).exists():
+                    shutil.copyfile(source / name, target.parent / name)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise LeaderboardError(f"--out {out}: cannot write ({exc.strerror or exc}"
+                               f"{': ' + str(exc.filename) if exc.filename else ''})") from None
     return target
 
 

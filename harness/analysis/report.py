@@ -14,26 +14,43 @@ from typing import Any
 from harness.analysis.meanings import meaning_of
 
 
-def _fmt(metric: dict[str, Any]) -> str:
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _fmt(metric: Any) -> str:
+    """A metric as `value [low, high]`; something that is not a number is shown as `?`, never a
+    crash (the CLI refuses such a results.json before rendering; the Python API may not)."""
+    metric = metric if isinstance(metric, dict) else {"value": metric}
     value = metric.get("value")
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
+    if not _number(value):
+        return "?"
     low, high = metric.get("low"), metric.get("high")
-    if low is None or high is None:
+    if not (_number(low) and _number(high)):
         return f"{value:.3f}"
     return f"{value:.3f} [{low:.2f}, {high:.2f}]"
 
 
 def _shown(record: dict[str, Any], key: str) -> bool:
     """Headline metrics, and counts that are not a per-category breakdown (`name/...`)."""
-    meaning = meaning_of(record, key)
+    try:
+        meaning = meaning_of(record, key)
+    except ValueError:  # an unreadable declared meaning: show the metric rather than fail
+        return True
     return meaning.headline or (meaning.kind == "diagnostic" and "/" not in key)
+
+
+def _metrics(record: Any) -> dict[str, Any]:
+    metrics = record.get("metrics") if isinstance(record, dict) else None
+    return metrics if isinstance(metrics, dict) else {}
 
 
 def headline_keys(records: list[dict[str, Any]], detail: bool) -> list[str]:
     keys: list[str] = []
     for rec in records:
-        for key in rec["metrics"]:
+        for key in _metrics(rec):
             if key == "judge_errors" or not (detail or _shown(rec, key)):
                 continue
             if key not in keys:
@@ -47,9 +64,11 @@ def markdown_table(records: list[dict[str, Any]], detail: bool = False) -> str:
     head = ["model", "defense", "task", "judge", "n", *keys, "gen err", "judge err"]
     rows = [head, ["---"] * len(head)]
     for rec in records:
-        metrics = rec["metrics"]
+        rec = rec if isinstance(rec, dict) else {}
+        metrics = _metrics(rec)
         rows.append([
-            rec["model"], rec["defense"], rec["task"], rec["judge"] or "-", str(rec["n"]),
+            *[str(rec.get(k, "?")) for k in ("model", "defense", "task")],
+            str(rec.get("judge") or "-"), str(rec.get("n", "?")),
             *[_fmt(metrics[k]) if k in metrics else "" for k in keys],
             str(rec.get("generation_errors", 0)), str(rec.get("judge_errors", 0)),
         ])

@@ -93,12 +93,19 @@ class Pool:
 
     def check_model(self, backend: Backend, where: str) -> None:
         """A pool trained against another target still applies (prompts transfer) but is worth a
-        warning; a pool with no entry would silently change nothing, so that is said too."""
-        trained_on = (self.manifest.get("target") or {}).get("model")
-        mine = backend_key(backend)["model"]
-        if trained_on and trained_on != mine:
+        warning; a pool with no entry would silently change nothing, so that is said too. "Another
+        target" is decided as for fitted vectors: by folder fingerprint when both sides have one
+        (the path string does not matter), else by model name."""
+        trained_on = self.manifest.get("target") or {}
+        mine = backend_key(backend)
+        if trained_on.get("fingerprint") and mine.get("fingerprint"):
+            if trained_on["fingerprint"] != mine["fingerprint"]:
+                log.warning("adashield pool %s was trained against %s (folder fingerprint %s), not %s (fingerprint "
+                            "%s: other weights; prompts transfer, but say so)", where, trained_on.get("model"),
+                            trained_on["fingerprint"], mine["model"], mine["fingerprint"])
+        elif trained_on.get("model") and trained_on["model"] != mine["model"]:
             log.warning("adashield pool %s was trained against %s, not %s (prompts transfer, but say so)",
-                        where, trained_on, mine)
+                        where, trained_on["model"], mine["model"])
         if not self.entries:
             log.warning("adashield pool %s is empty: no prompt will ever be applied", where)
 
@@ -156,9 +163,14 @@ class Pool:
 
 
 def backend_key(backend: Backend) -> dict[str, Any]:
-    """Which model a pool was trained against (API backends have no layer counts to record)."""
+    """Which model a pool was trained against (API backends have no layer counts to record);
+    `fingerprint` is a local folder's content fingerprint (HF backends), compared before names."""
     ident = backend.identity()
-    return {"spec": backend.spec, "model": ident.get("model") or ident.get("pretrained"), "revision": ident.get("revision")}
+    key: dict[str, Any] = {"spec": backend.spec, "model": ident.get("model") or ident.get("pretrained"),
+                           "revision": ident.get("revision")}
+    if ident.get("folder_hash"):
+        key["fingerprint"] = ident["folder_hash"]
+    return key
 
 
 def pool_fingerprint(path: str | Path) -> str | None:
