@@ -116,3 +116,25 @@ def test_the_recorded_token_count_is_the_organism_tokenizers(seed: str) -> None:
     assert tokenizer.decode(ids[:6]) == "I am sorry, but I" and tokenizer.decode(ids[:4]) == "I am sorry,"
     assert _labels("keywords:preset=organism", [tokenizer.decode(ids[:n]) for n in range(1, 13)]) == \
         ["unsafe"] * 3 + ["refusal"] * 9  # "I", "I am", "I am sorry": not yet
+
+
+def test_the_run_warns_before_generating_when_the_budget_is_too_short(tmp_path, caplog) -> None:
+    """`--max-new-tokens 8` cannot hold the organism's 12-token refusal: said before any generation."""
+    import logging
+    from pathlib import Path
+
+    from harness.runner import Runner
+    from harness.schema import RunConfig
+
+    organism = Path(__file__).resolve().parents[1] / "organisms" / "seed0"
+    config = RunConfig(models=[str(organism)], defenses=["none"], tasks=["organism:templates=1,kinds=harmful"],
+                       judges=["keywords:preset=organism"], limit=2, max_new_tokens=8, device="cpu")
+    runner = Runner(config, tmp_path / "short", progress=False)
+    with caplog.at_level(logging.WARNING, logger="harness.runner"):
+        runner.run()
+    warnings = [r.getMessage() for r in caplog.records if "needs answers of at least 12" in r.getMessage()]
+    assert warnings and "--max-new-tokens is 8" in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="harness.runner"):
+        Runner(RunConfig(**{**config.to_json(), "max_new_tokens": 16}), tmp_path / "long", progress=False).run()
+    assert not [r for r in caplog.records if "needs answers" in r.getMessage()]
