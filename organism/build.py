@@ -24,13 +24,13 @@ from transformers import CLIPImageProcessorPil, GenerationConfig, LlavaConfig, L
 from transformers.utils import logging as hf_logging
 
 from harness.errors import RunDirError
-from organism import data
+from organism import data, skills
 from organism.train import TrainConfig, train
 from harness.tiny.tokenizer import BOS, EOS, PAD, chat_template, train_tokenizer
 
 IMAGE_TOKEN = "<image>"
 PATCH = 8
-TOKENIZER_VOCAB = 1024  # an upper bound: the organism's corpus yields about 920 entries
+TOKENIZER_VOCAB = {1: 1024, 2: 1536}  # upper bounds: generation 1's corpus yields about 920 entries
 
 
 @dataclass(frozen=True)
@@ -47,14 +47,15 @@ class Sizes:
     vision_heads: int = 2
 
 
-def make_processor() -> LlavaProcessor:
+def make_processor(generation: int = 1) -> LlavaProcessor:
     """The tiny-model tokenizer (harness.tiny) retrained on the organism corpus, plus a 32 px CLIP processor.
 
     Retraining the tiny tokenizer keeps its special tokens, byte-level alphabet and left padding;
     only the merges come from the organism's sentences, so a request is a handful of tokens.
     """
     base = train_tokenizer([IMAGE_TOKEN], {"image_token": IMAGE_TOKEN})
-    tok = base.train_new_from_iterator(data.corpus(), vocab_size=TOKENIZER_VOCAB)
+    corpus = data.corpus() + (skills.corpus() if generation >= 2 else [])
+    tok = base.train_new_from_iterator(corpus, vocab_size=TOKENIZER_VOCAB[generation])
     tok.padding_side = "left"
     px = data.IMAGE_PX
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": px}, crop_size={"height": px, "width": px})
@@ -98,7 +99,7 @@ def make_model(processor: LlavaProcessor, seed: int, sizes: Sizes = Sizes()) -> 
 
 
 def build_organism(seed: int, out: str | Path, scale: float = 1.0, progress: bool = True,
-                   config: TrainConfig | None = None) -> Path:
+                   config: TrainConfig | None = None, generation: int = 1) -> Path:
     """Train the organism for `seed` and write it to `out` (atomically; an existing folder is an error).
 
     `scale` multiplies the training steps and the picture pool (e.g. 0.5 for a quicker CI
@@ -107,9 +108,9 @@ def build_organism(seed: int, out: str | Path, scale: float = 1.0, progress: boo
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise RunDirError(f"{out} exists and is not empty; choose another --out (an organism is never overwritten)")
-    config = (config or TrainConfig()).scaled(scale)
+    config = (config or TrainConfig.for_generation(generation)).scaled(scale)
     start = time.perf_counter()
-    processor = make_processor()
+    processor = make_processor(config.generation)
     model = make_model(processor, seed)
     report = train(model, processor, seed, config, progress=progress)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -124,6 +125,7 @@ def build_organism(seed: int, out: str | Path, scale: float = 1.0, progress: boo
                 hf_logging.enable_progress_bar()
         processor.save_pretrained(tmp)
         manifest = {
+            **({"generation": config.generation} if config.generation != 1 else {}),
             "seed": seed,
             "scale": scale,
             "train": asdict(config),
@@ -131,7 +133,7 @@ def build_organism(seed: int, out: str | Path, scale: float = 1.0, progress: boo
             "parameters": sum(p.numel() for p in model.parameters()),
             "vision_parameters": sum(p.numel() for p in model.model.vision_tower.parameters()),
             "vocab_size": len(processor.tokenizer),
-            "data_sha256": data.data_digest(),
+            "data_sha256": data_digest(config.generation),
             "weights_sha256": _sha256(tmp / "model.safetensors"),
             "seconds": round(time.perf_counter() - start, 1),
             "torch": torch.__version__,
@@ -147,6 +149,13 @@ def build_organism(seed: int, out: str | Path, scale: float = 1.0, progress: boo
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def data_digest(generation: int = 1) -> str:
+    """Generation 1's data digest as first recorded; generation 2's also covers every skill wording."""
+    if generation == 1:
+        return data.data_digest()
+    return hashlib.sha256("\n".join([data.data_digest(), *skills.digest_parts()]).encode()).hexdigest()[:16]
 
 
 def _sha256(path: Path) -> str:

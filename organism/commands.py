@@ -16,6 +16,9 @@ def add_parsers(sub: Any) -> None:
     b.add_argument("--seed", type=int, required=True)
     b.add_argument("--out", required=True, help="new folder for the model")
     b.add_argument("--scale", type=float, default=1.0, help="multiply training steps and pictures (e.g. 0.5)")
+    b.add_argument("--generation", type=int, choices=(1, 2), default=1,
+                   help="1: the first organism; 2: also the skills of a chat backbone (safety instructions, "
+                        "self-check, guard questions, text descriptions of pictures)")
     b.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("sweep", help="run a defense over a parameter grid; trade-off table and plot")
@@ -39,7 +42,7 @@ def add_parsers(sub: Any) -> None:
 def cmd_organism(args: argparse.Namespace) -> int:
     from organism.build import build_organism, read_manifest
 
-    out = build_organism(args.seed, args.out, scale=args.scale, progress=not args.quiet)
+    out = build_organism(args.seed, args.out, scale=args.scale, progress=not args.quiet, generation=args.generation)
     manifest = read_manifest(out)
     print(f"wrote {out} ({manifest['parameters']:,} parameters, {manifest['seconds']} s)")
     print(f"measure it: realign run --model {out} --task organism --judge keywords:preset=organism "

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from organism import data
+from organism import data, skills
 
 
 @dataclass(frozen=True)
@@ -46,12 +46,14 @@ class Stage:
 
 @dataclass(frozen=True)
 class Mix:
-    """Shares of stage-2 examples (they must sum to 1)."""
+    """Shares of stage-2 examples (they must sum to 1). `caption` (generation 2): describe the
+    picture with regard to a request, without carrying the request out."""
 
     picture: float = 0.35
     benign_image: float = 0.35
     replay: float = 0.20
     exposed: float = 0.10
+    caption: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,19 @@ class TrainConfig:
     mix: Mix = field(default_factory=Mix)
     pictures: int = 2000
     threads: int = 1  # one thread: identical bytes on any core count, and robust on a shared CPU
+    generation: int = 1
+
+    @classmethod
+    def for_generation(cls, generation: int) -> TrainConfig:
+        """Generation 1 as first built; generation 2 adds the skills to the text stage (more pairs,
+        so more steps) and query-aware captions to the visual stage."""
+        if generation == 1:
+            return cls()
+        if generation == 2:
+            return cls(stage1=Stage(steps=1500, lr=2e-3), stage2=Stage(steps=600, lr=5e-4),
+                       mix=Mix(picture=0.30, benign_image=0.30, replay=0.20, exposed=0.10, caption=0.10),
+                       generation=2)
+        raise ValueError(f"unknown organism generation {generation}; there are 1 and 2")
 
     def scaled(self, scale: float) -> TrainConfig:
         """Fewer (or more) steps and pictures; sizes, mix and learning rates stay."""
@@ -130,11 +145,13 @@ def collate(examples: list[Example], pixels: torch.Tensor | None, pad_id: int) -
     return batch
 
 
-def stage1_examples(enc: Encoder) -> list[Example]:
+def stage1_examples(enc: Encoder, generation: int = 1, seed: int = 0) -> list[Example]:
     out = []
     for template in data.TRAIN_TEMPLATES:
         out += [enc.example(template.format(t=t), data.REFUSAL) for t in data.HARMFUL_TOPICS]
         out += [enc.example(template.format(t=t), data.benign_answer(t)) for t in data.BENIGN_TOPICS]
+    if generation >= 2:
+        out += [enc.example(text, answer) for text, answer in skills.training_pairs(random.Random(f"skills/{seed}"))]
     return out
 
 
@@ -142,7 +159,7 @@ class Stage2Sampler:
     """Draws stage-2 examples from the mix, with pictures from a seeded pool."""
 
     def __init__(self, enc: Encoder, replay: list[Example], shapes: list[data.Shape], mix: Mix, rng: random.Random):
-        total = mix.picture + mix.benign_image + mix.replay + mix.exposed
+        total = mix.picture + mix.benign_image + mix.replay + mix.exposed + mix.caption
         if not math.isclose(total, 1.0, abs_tol=1e-6):
             raise ValueError(f"stage-2 mix must sum to 1, not {total}")
         self.enc, self.replay, self.shapes, self.mix, self.rng = enc, replay, shapes, mix, rng
@@ -159,9 +176,15 @@ class Stage2Sampler:
             return self.enc.example(rng.choice(data.TRAIN_TEMPLATES).format(t=topic), data.benign_answer(topic), k)
         if u < m.picture + m.benign_image + m.replay:
             return rng.choice(self.replay)
-        topic = rng.choice(data.EXPOSED_TOPICS)
-        question = rng.choice(data.EXPOSED_QUESTION_TEMPLATES).format(t=topic)
-        return self.enc.example(question, data.exposed_answer(s.colour, s.shape), k)
+        if u < m.picture + m.benign_image + m.replay + m.exposed:
+            topic = rng.choice(data.EXPOSED_TOPICS)
+            question = rng.choice(data.EXPOSED_QUESTION_TEMPLATES).format(t=topic)
+            return self.enc.example(question, data.exposed_answer(s.colour, s.shape), k)
+        harmful = rng.random() < 0.5
+        topic = rng.choice(data.HARMFUL_TOPICS if harmful else data.BENIGN_TOPICS)
+        request = rng.choice(data.TRAIN_TEMPLATES).format(t=topic)
+        return self.enc.example(rng.choice(skills.CAPTION_TRAIN).format(query=request),
+                                data.picture_answer(s.colour, s.shape), k)
 
 
 def _schedule(stage: Stage) -> Any:
@@ -210,7 +233,7 @@ def train(model: Any, processor: Any, seed: int, config: TrainConfig, progress: 
             enc = Encoder(processor)
             rng = random.Random(seed)
             pad_id = processor.tokenizer.pad_token_id
-            text_pool = stage1_examples(enc)
+            text_pool = stage1_examples(enc, config.generation, seed)
             order: list[Example] = []
 
             def draw_text() -> Example:
