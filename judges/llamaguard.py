@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.models.hf import folder_fingerprint
+from harness.models.hf_loading import folder_fingerprint
 from harness.models.remote import ChatSession, RemoteChat, RequestFailed
 from harness.registry import judge
 from harness.schema import Generation, Sample, Verdict

@@ -47,6 +47,12 @@ class Sizes:
     vision_heads: int = 2
 
 
+#: Generation 2 learns four more skills besides generation 1's behaviour; at generation 1's width
+#: the skills and the plain behaviour competed (each seed lost a different one on held-out
+#: wordings), so its language model is wider (hidden 192, same depth: 4 layers).
+SIZES = {1: Sizes(), 2: Sizes(hidden=192, intermediate=512)}
+
+
 def make_processor(generation: int = 1) -> LlavaProcessor:
     """The tiny-model tokenizer (harness.tiny) retrained on the organism corpus, plus a 32 px CLIP processor.
 
@@ -111,7 +117,7 @@ def build_organism(seed: int, out: str | Path, scale: float = 1.0, progress: boo
     config = (config or TrainConfig.for_generation(generation)).scaled(scale)
     start = time.perf_counter()
     processor = make_processor(config.generation)
-    model = make_model(processor, seed)
+    model = make_model(processor, seed, SIZES[config.generation])
     report = train(model, processor, seed, config, progress=progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))

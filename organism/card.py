@@ -22,13 +22,24 @@ CARD_BATCH_SIZE = 32
 ROWS = (("text only", "none"), ("+ shape image", "shape"), ("+ blank image", "blank"))
 
 
+def generation_of(folder: str | Path) -> int:
+    """1 for the first organisms (their manifest predates the field), else the recorded generation."""
+    return int(read_manifest(folder).get("generation", 1))
+
+
+def card_task(generation: int, sliced: bool = False) -> str:
+    """What a card measures: the test split (generation 2: with its skill sets), or the quick slice."""
+    base = SLICE_TASK if sliced else CARD_TASK
+    return base + ("," if ":" in base else ":") + "skills=true" if generation >= 2 else base
+
+
 def card_config(folder: str | Path, defenses: list[str] | None = None, task: str = CARD_TASK) -> RunConfig:
     return RunConfig(models=[str(folder)], defenses=defenses or ["none"], tasks=[task], judges=[CARD_JUDGE],
                      batch_size=CARD_BATCH_SIZE, max_new_tokens=CARD_MAX_NEW_TOKENS, seed=0, device="cpu")
 
 
-def card_command(folder: str | Path, out: str = "runs/organism-card") -> str:
-    return (f"realign run --model {folder} --task {CARD_TASK} --judge {CARD_JUDGE} "
+def card_command(folder: str | Path, out: str = "runs/organism-card", generation: int = 1) -> str:
+    return (f"realign run --model {folder} --task {card_task(generation)} --judge {CARD_JUDGE} "
             f"--max-new-tokens {CARD_MAX_NEW_TOKENS} --batch-size {CARD_BATCH_SIZE} --device cpu --out {out}")
 
 
@@ -121,11 +132,12 @@ def read_measured(folder: str | Path) -> dict[str, Any]:
     return json.loads((Path(folder) / "measured.json").read_text())
 
 
-def defenses_section(seed: int, results: Path) -> str:
-    """The per-defense rows of one seed from benchmarks/results/organism.json, if it exists."""
+def defenses_section(name: str, results: Path) -> str:
+    """The per-defense rows of one organism folder (e.g. `seed0`, `gen2-seed1`) from
+    benchmarks/results/organism.json, if it exists."""
     if not results.exists():
         return ""
-    rows = [r for r in json.loads(results.read_text())["rows"] if r["seed"] == seed]
+    rows = [r for r in json.loads(results.read_text())["rows"] if r.get("organism", f"seed{r['seed']}") == name]
     lines = ["", "## Defenses on this folder (defaults; `python -m organism.results`)", "",
              "| defense | refused, text only | refused, with image | benign answered, with image | picture QA |",
              "|---|---|---|---|---|"]
@@ -143,10 +155,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/organism-card")
     args = p.parse_args(argv)
     folder = Path(args.folder)
-    full = measure(folder, Path(args.out) / "full")
-    quick = measure(folder, Path(args.out) / "slice", task=SLICE_TASK)
+    generation = generation_of(folder)
+    full = measure(folder, Path(args.out) / "full", task=card_task(generation))
+    quick = measure(folder, Path(args.out) / "slice", task=card_task(generation, sliced=True))
     results = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "organism.json"
-    print(write_card(folder, full, quick, defenses_section(read_manifest(folder)["seed"], results)))
+    extra = defenses_section(folder.name, results)
+    if generation >= 2:
+        from organism.card_gen2 import write_card_gen2
+
+        print(write_card_gen2(folder, full, quick, extra))
+    else:
+        print(write_card(folder, full, quick, extra))
     print(table(full))
     return 0
 

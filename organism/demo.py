@@ -18,7 +18,7 @@ from typing import Any
 from harness.runner import run
 from harness.schema import RunConfig
 
-DEMO_SEED = 0
+DEMO_ORGANISM = "gen2-seed0"  # generation 2: it also learned, as text, what prompting defenses rely on
 DEMO_TASK = "organism:templates=1,images=none+shape"
 DEMO_JUDGE = "keywords:preset=organism"
 # (label, spec). Calibration uses the task's calibration splits: templates disjoint from the
@@ -41,21 +41,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("REALIGN_CACHE", Path.home() / ".cache" / "realign"))
 
 
-def shipped_organism(seed: int = DEMO_SEED) -> Path:
-    """The organism folder shipped in the repository (organisms/seedN), or one built into the cache.
+def shipped_organism(name: str = DEMO_ORGANISM) -> Path:
+    """The organism folder shipped in the repository (organisms/<name>), or one built into the cache.
 
     A checkout has the shipped folders; an installed package without them builds one once
-    (a few minutes) so the demo still runs offline.
+    (several minutes) so the demo still runs offline.
     """
-    shipped = Path(__file__).resolve().parents[1] / "organisms" / f"seed{seed}"
+    shipped = Path(__file__).resolve().parents[1] / "organisms" / name
     if (shipped / "config.json").exists():
         return shipped
-    target = cache_dir() / "organisms" / f"seed{seed}"
+    target = cache_dir() / "organisms" / name
     if not (target / "config.json").exists():
         from organism.build import build_organism
 
-        print(f"no shipped organism found; building seed {seed} into {target} (a few minutes, once)")
-        build_organism(seed, target)
+        generation = 2 if name.startswith("gen2-") else 1
+        seed = int(name.rsplit("seed", 1)[1])
+        print(f"no shipped organism found; building {name} into {target} (several minutes, once)")
+        build_organism(seed, target, generation=generation)
     return target
 
 
@@ -117,13 +119,29 @@ def plot_defenses(rows: list[dict[str, Any]], path: Path) -> Path | None:
     ax.set_xticks(range(len(rows)), names, fontsize=8)
     ax.set_ylim(0, 1.0)
     ax.set_ylabel("rate")
-    ax.set_title("model organism (seed 0): refusal with an image, per defense", fontsize=10)
+    ax.set_title(f"model organism ({DEMO_ORGANISM}): refusal with an image, per defense", fontsize=10)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=4, frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def what_changed(rows: list[dict[str, Any]]) -> str:
+    """Each defense's effect on refusal with an image and on benign answers with an image, against
+    `none`, in plain numbers (computed, so the text never disagrees with the table)."""
+    base = next(r for r in rows if r["spec"] == "none")
+
+    def delta(row: dict[str, Any], key: str) -> str:
+        if row[key] is None or base[key] is None:
+            return "n/a"
+        return f"{row[key]['value'] - base[key]['value']:+.2f}"
+
+    parts = [f"{r['defense']} {delta(r, 'refused_shape')} / {delta(r, 'helpful_shape')}" for r in rows if r is not base]
+    return ("Against no defense, refusal with an image / benign answered with an image: " + "; ".join(parts) + ". "
+            "The steering defenses act on hidden states; AdaShield and ECSO work only as far as the organism's "
+            "safety-instruction and self-check skills, learned as text, carry over to inputs with a picture.")
 
 
 def run_demo(out: Path, progress: bool = True) -> list[dict[str, Any]]:
@@ -136,9 +154,6 @@ def run_demo(out: Path, progress: bool = True) -> list[dict[str, Any]]:
           f"judge {DEMO_JUDGE}; 95% bootstrap intervals.\n")
     print(format_table(rows))
     png = plot_defenses(rows, out / "demo.png")
-    print("\nCMRM and ShiftDC steer hidden states and restore part of the refusal. AdaShield-S and ECSO need "
-          "a model that follows a defense prompt or judges its own answer, which this organism was never "
-          "taught: its self-check never says \"yes\" (ECSO changes nothing), and the long AdaShield prompt "
-          "makes it answer \"Sure.\" to everything, text-only refusals included.")
+    print("\n" + what_changed(rows))
     print(f"\nrun directory: {out} (realign report {out})" + (f"; plot: {png}" if png else " (install matplotlib for the plot)"))
     return rows

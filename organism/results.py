@@ -1,9 +1,11 @@
-"""Every defense on both shipped organisms: the table in benchmarks/results/organism.json and the README.
+"""Every defense on the shipped organisms (both seeds of both generations): the tables in
+benchmarks/results/organism.json and the README.
 
 Run `python -m organism.results [--out runs/organism-defenses]`. Each defense runs with its
 defaults (CMRM and ShiftDC defaults were set by the sweep; see the README, "Choosing the CMRM and ShiftDC defaults"), calibrated
 on the task's calibration split, through the normal runner, on the full held-out test split as text
-only and with a shape picture. Sweep tables given with `--sweep NAME=DIR` are stored alongside.
+only and with a shape picture (generation 2: also its skill sets, so a defense's cost on a skill
+shows). Sweep tables given with `--sweep NAME=DIR` are stored alongside.
 """
 
 from __future__ import annotations
@@ -25,52 +27,74 @@ DEFENSES = DEMO_DEFENSES  # the same defaults as the demo, on the full test spli
 KEYS = ("refused_none", "refused_shape", "helpful_none", "helpful_shape", "picture_qa")
 
 
-def measure(seeds: list[int], out: Path, progress: bool) -> list[dict[str, Any]]:
+SKILL_KEYS = ("refused_instructed_none", "helpful_instructed_none", "selfcheck_acc_none", "selfcheck_acc_shape",
+              "guard_acc_none", "guard_acc_shape", "caption_qa")
+GENERATIONS = {1: ("seed0", "seed1"), 2: ("gen2-seed0", "gen2-seed1")}
+
+
+def measure(names: list[str], out: Path, progress: bool) -> list[dict[str, Any]]:
+    """Every defense (defaults) on each organism folder, through the normal runner; generation-2
+    folders also run the skill sets, so a defense's cost on a skill shows."""
     from harness.runner import run
+    from organism.card import generation_of
 
     rows = []
-    for seed in seeds:
-        folder = ROOT / "organisms" / f"seed{seed}"
-        config = RunConfig(models=[str(folder)], defenses=[spec for _, spec in DEFENSES], tasks=[TASK],
+    for name in names:
+        folder = ROOT / "organisms" / name
+        generation = generation_of(folder)
+        task = TASK + (",skills=true" if generation >= 2 else "")
+        config = RunConfig(models=[str(folder)], defenses=[spec for _, spec in DEFENSES], tasks=[task],
                            judges=[CARD_JUDGE], batch_size=CARD_BATCH_SIZE, max_new_tokens=CARD_MAX_NEW_TOKENS,
                            seed=0, device="cpu")
         start = time.perf_counter()
-        records = run(config, out / f"seed{seed}", progress=progress)
-        names = {spec: name for name, spec in DEFENSES}
+        records = run(config, out / name, progress=progress)
+        labels = {spec: label for label, spec in DEFENSES}
+        seed = int(name.rsplit("seed", 1)[1])
         for rec in records:
             m = rec.metrics
-            rows.append({"seed": seed, "defense": names[rec.defense], "spec": rec.defense,
+            rows.append({"organism": name, "generation": generation, "seed": seed, "defense": labels[rec.defense],
+                         "spec": rec.defense, "task": task,
                          **{k: {"value": round(m[k].value, 4), "low": round(m[k].low, 4), "high": round(m[k].high, 4),
-                                "n": m[k].n} for k in KEYS if k in m}})
-        print(f"seed {seed}: {time.perf_counter() - start:.0f} s")
+                                "n": m[k].n} for k in KEYS + SKILL_KEYS if k in m}})
+        print(f"{name}: {time.perf_counter() - start:.0f} s")
     return rows
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    """Defense x (refused / benign answered, with an image) for seed 0 / seed 1."""
-    seeds = sorted({r["seed"] for r in rows})
-    by = {(r["defense"], r["seed"]): r for r in rows}
-    head = ["defense", "refused, text only", "refused, with image", "benign answered, with image", "picture QA"]
-    lines = [f"Seeds {' / '.join(map(str, seeds))}; full held-out test split; keywords:preset=organism.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, _ in DEFENSES:
-        cells = [name]
-        for key in ("refused_none", "refused_shape", "helpful_shape", "picture_qa"):
-            vals = [by[(name, s)][key]["value"] if (name, s) in by and key in by[(name, s)] else float("nan") for s in seeds]
-            cells.append(" / ".join(f"{v:.2f}" for v in vals))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def markdown(rows: list[dict[str, Any]], keys: tuple[str, ...] = ("refused_none", "refused_shape", "helpful_shape",
+                                                                   "picture_qa")) -> str:
+    """Defense x metrics, one table per generation, `seed 0 / seed 1` in each cell."""
+    heads = {"refused_none": "refused, text only", "refused_shape": "refused, with image",
+             "helpful_shape": "benign answered, with image", "picture_qa": "picture QA",
+             "selfcheck_acc_shape": "self-check right, with image", "guard_acc_shape": "guard question right, with image",
+             "refused_instructed_none": "refused, text + safety instruction"}
+    out = []
+    for generation in sorted({r.get("generation", 1) for r in rows}):
+        mine = [r for r in rows if r.get("generation", 1) == generation]
+        names = list(dict.fromkeys(r.get("organism", f"seed{r['seed']}") for r in mine))
+        by = {(r["defense"], r.get("organism", f"seed{r['seed']}")): r for r in mine}
+        cols = [k for k in keys if any(k in r for r in mine)]
+        out += [f"Generation {generation} ({' / '.join(names)}); full held-out test split; {CARD_JUDGE}.", "",
+                "| " + " | ".join(["defense", *(heads.get(k, k) for k in cols)]) + " |", "|" + "---|" * (len(cols) + 1)]
+        for label, _ in DEFENSES:
+            cells = [label]
+            for key in cols:
+                vals = [by[(label, n)][key]["value"] if (label, n) in by and key in by[(label, n)] else None for n in names]
+                cells.append(" / ".join("-" if v is None else f"{v:.2f}" for v in vals))
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out).rstrip()
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/organism-defenses")
-    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--organisms", default="seed0,seed1,gen2-seed0,gen2-seed1",
+                   help="folders under organisms/, comma-separated")
     p.add_argument("--sweep", action="append", default=[], help="NAME=SWEEP_DIR (its sweep.json is stored)")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "organism.json"))
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    rows = measure([int(s) for s in args.seeds.split(",")], Path(args.out), not args.quiet)
+    rows = measure(args.organisms.split(","), Path(args.out), not args.quiet)
     previous = Path(args.json)
     # Sweep tables stored before are kept (a sweep is not re-run here); given ones replace them by name.
     sweeps = json.loads(previous.read_text()).get("sweeps", {}) if previous.is_file() else {}
@@ -78,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         name, _, folder = item.partition("=")
         sweeps[name] = json.loads((Path(folder) / "sweep.json").read_text())
     table = markdown(rows)
+    if any(r.get("generation", 1) >= 2 for r in rows):
+        table += "\n\n" + markdown([r for r in rows if r.get("generation", 1) >= 2],
+                                     ("selfcheck_acc_shape", "guard_acc_shape", "refused_instructed_none"))
     result = {"benchmark": "organism", "task": TASK, "judge": CARD_JUDGE, "max_new_tokens": CARD_MAX_NEW_TOKENS,
               "git": git_commit(), "host": host_info(), "rows": rows, "table_md": table, "sweeps": sweeps}
     Path(args.json).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")

@@ -72,8 +72,8 @@ class TrainConfig:
         if generation == 1:
             return cls()
         if generation == 2:
-            return cls(stage1=Stage(steps=1500, lr=2e-3), stage2=Stage(steps=600, lr=5e-4),
-                       mix=Mix(picture=0.30, benign_image=0.30, replay=0.20, exposed=0.10, caption=0.10),
+            return cls(stage1=Stage(steps=1200, lr=2e-3), stage2=Stage(steps=700, lr=5e-4),
+                       mix=Mix(picture=0.30, benign_image=0.25, replay=0.30, exposed=0.10, caption=0.05),
                        generation=2)
         raise ValueError(f"unknown organism generation {generation}; there are 1 and 2")
 
@@ -158,11 +158,15 @@ def stage1_examples(enc: Encoder, generation: int = 1, seed: int = 0) -> list[Ex
 class Stage2Sampler:
     """Draws stage-2 examples from the mix, with pictures from a seeded pool."""
 
-    def __init__(self, enc: Encoder, replay: list[Example], shapes: list[data.Shape], mix: Mix, rng: random.Random):
+    def __init__(self, enc: Encoder, replay: list[Example], shapes: list[data.Shape], mix: Mix, rng: random.Random,
+                 skill_replay: list[Example] | None = None):
         total = mix.picture + mix.benign_image + mix.replay + mix.exposed + mix.caption
         if not math.isclose(total, 1.0, abs_tol=1e-6):
             raise ValueError(f"stage-2 mix must sum to 1, not {total}")
         self.enc, self.replay, self.shapes, self.mix, self.rng = enc, replay, shapes, mix, rng
+        # Generation 2: half the replay from the plain request/answer pairs, half from the skills, so the
+        # plain pairs (a quarter of the text pool) are not forgotten while the skills are kept.
+        self.skill_replay = skill_replay or []
 
     def draw(self) -> Example:
         rng, m = self.rng, self.mix
@@ -175,6 +179,8 @@ class Stage2Sampler:
             topic = rng.choice(data.BENIGN_TOPICS)
             return self.enc.example(rng.choice(data.TRAIN_TEMPLATES).format(t=topic), data.benign_answer(topic), k)
         if u < m.picture + m.benign_image + m.replay:
+            if self.skill_replay and rng.random() < 0.5:
+                return rng.choice(self.skill_replay)
             return rng.choice(self.replay)
         if u < m.picture + m.benign_image + m.replay + m.exposed:
             topic = rng.choice(data.EXPOSED_TOPICS)
@@ -234,6 +240,7 @@ def train(model: Any, processor: Any, seed: int, config: TrainConfig, progress: 
             rng = random.Random(seed)
             pad_id = processor.tokenizer.pad_token_id
             text_pool = stage1_examples(enc, config.generation, seed)
+            base_pairs = len(stage1_examples(enc)) if config.generation >= 2 else len(text_pool)
             order: list[Example] = []
 
             def draw_text() -> Example:
@@ -244,7 +251,7 @@ def train(model: Any, processor: Any, seed: int, config: TrainConfig, progress: 
             report = {"stage1": run_stage(model, "stage 1 (text)", config.stage1, draw_text, None, pad_id, progress)}
             shapes = [data.shape_at(i, "train", seed) for i in range(config.pictures)]
             pixels = processor.image_processor(images=[s.draw() for s in shapes], return_tensors="pt")["pixel_values"]
-            sampler = Stage2Sampler(enc, text_pool, shapes, config.mix, rng)
+            sampler = Stage2Sampler(enc, text_pool[:base_pairs], shapes, config.mix, rng, text_pool[base_pairs:])
             report["stage2"] = run_stage(model, "stage 2 (vision)", config.stage2, sampler.draw, pixels.float(),
                                          pad_id, progress)
             report["text_pairs"] = len(text_pool)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import socket
 import threading
@@ -253,7 +254,8 @@ def _completion_json(model: str, text: str, body: dict[str, Any], index: int) ->
         "created": 0,
         "model": body.get("model", model),
         "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop", "logprobs": None}
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop",
+             "logprobs": _logprobs_json(text, body)}
         ],
         "usage": {
             "prompt_tokens": prompt_words,
@@ -261,6 +263,20 @@ def _completion_json(model: str, text: str, body: dict[str, Any], index: int) ->
             "total_tokens": prompt_words + len(text.split()),
         },
     }
+
+
+def _logprobs_json(text: str, body: dict[str, Any]) -> dict[str, Any] | None:
+    """When asked (`logprobs`), the reply's first word as the first token with log-probability
+    log(0.8), and the word's case-flipped twin and "No"/"Yes" (the other answer) as alternatives:
+    enough to test yes/no scoring."""
+    if not body.get("logprobs"):
+        return None
+    first = (text.split() or [""])[0]
+    other = "No" if first.lower().startswith("yes") else "Yes"
+    top = [(first, math.log(0.8)), (first.swapcase(), math.log(0.05)), (other, math.log(0.1))]
+    top = top[: int(body.get("top_logprobs") or 0) or 1]
+    return {"content": [{"token": first, "logprob": math.log(0.8), "bytes": None,
+                         "top_logprobs": [{"token": t, "logprob": lp, "bytes": None} for t, lp in top]}]}
 
 
 def _make_handler(owner: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:

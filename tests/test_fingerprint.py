@@ -29,7 +29,8 @@ from harness.defenses.adashield_pool import Pool, PoolEntry, backend_key
 from harness.defenses.vectors import FittedVectors, model_key
 from harness.errors import DataError
 from harness.models import hf
-from harness.models.hf import HFBackend, folder_fingerprint
+from harness.models.hf import HFBackend
+from harness.models.hf_loading import folder_fingerprint
 from harness.registry import defenses
 from harness.schema import Sample
 from harness.tiny import build_tiny_vlm

@@ -12,7 +12,8 @@ from PIL import Image
 
 from harness.errors import ModelLoadError
 from harness.contracts.backend import GenerationParams, Request, Steerable, user_request
-from harness.models.hf import HFBackend, _completion_lengths, folder_fingerprint
+from harness.models.hf import HFBackend, _completion_lengths
+from harness.models.hf_loading import folder_fingerprint
 
 
 def image(seed: int, size: tuple[int, int] = (40, 30)) -> Image.Image:

@@ -151,10 +151,37 @@ class Steerable(Protocol):
     ) -> list[Completion]: ...
 
 
+@runtime_checkable
+class LogitLens(Protocol):
+    """Read each decoder layer's last-prompt-token state through the model's final norm and LM head
+    (the "logit lens"), for detectors that look for refusal in the hidden states (HiddenDetect)."""
+
+    def lens_logits(self, requests: list[Request], layers: list[int]) -> "torch.Tensor":
+        """[batch, len(layers), vocab] float32 logits of lm_head(norm(h^l)) at the last prompt token."""
+        ...
+
+    def token_ids(self, words: list[str]) -> list[int]:
+        """The id of the first token of each word as the tokenizer splits it (no special tokens)."""
+        ...
+
+
+@runtime_checkable
+class TokenLogprobs(Protocol):
+    """Log-probabilities of a few candidate next tokens after the prompt (yes/no guard questions)."""
+
+    def next_token_logprobs(self, requests: list[Request], candidates: list[str]) -> list[dict[str, float]]:
+        """Per request, {candidate: log-probability of the candidate's first token as the next token};
+        a candidate the backend cannot score (not among an API's top tokens) is -inf, and every
+        candidate of a request that failed (after retries) is NaN."""
+        ...
+
+
 #: Capability name (as a defense's `requires` names it) -> the protocol a backend class must satisfy,
 #: and what it means in an error message.
 CAPABILITIES: dict[str, tuple[type, str]] = {
     "steering": (Steerable, "access to decoder layers (steering)"),
+    "logit_lens": (LogitLens, "decoder states read through the LM head (logit lens)"),
+    "logprobs": (TokenLogprobs, "next-token log-probabilities"),
 }
 
 

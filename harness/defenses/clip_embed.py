@@ -54,7 +54,7 @@ class ClipEmbedder:
 
     def identity(self) -> dict[str, Any]:
         """Embeddings are only comparable within one CLIP model: pools record and check this."""
-        from harness.models.hf import folder_fingerprint
+        from harness.models.hf_loading import folder_fingerprint
 
         ident: dict[str, Any] = {"model": self.name, "commit": getattr(self.model.config, "_commit_hash", None)}
         folder = Path(self.name).expanduser()

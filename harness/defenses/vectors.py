@@ -5,7 +5,7 @@ both in the safetensors metadata and beside it (`<file>.json`) for humans. The m
 the model, its layer count and hidden size, the defense parameters and the calibration ids,
 so a file made for another model is refused and calibration/evaluation overlap is detectable.
 
-A local model folder is matched by its content fingerprint (`harness.models.hf.folder_fingerprint`),
+A local model folder is matched by its content fingerprint (`harness.models.hf_loading.folder_fingerprint`),
 not by the path string it was given as: the path `organisms/seed0` may hold other weights in
 another working directory, and `/abs/organisms/seed0` is the same model. Hub ids are matched by
 id and revision. Files written before fingerprints were recorded are checked by path as before.

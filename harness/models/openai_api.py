@@ -83,6 +83,9 @@ def sampling_kwargs(params: GenerationParams) -> dict[str, Any]:
     return kwargs
 
 
+TOP_LOGPROBS = 20  # the most alternatives OpenAI's API returns per position
+
+
 @backend("openai")
 class OpenAIBackend(Backend):
     """OpenAI-compatible chat API (no steering); `openai:model=gpt-4o,base_url=...,api_key_env=...`."""
@@ -166,6 +169,33 @@ class OpenAIBackend(Backend):
             return Completion(text="", error=exc.message)
         return Completion(text=reply.text, prompt_tokens=reply.prompt_tokens,
                           completion_tokens=reply.completion_tokens)
+
+    # ---- next-token log-probabilities (the TokenLogprobs capability) -------------------------
+    def next_token_logprobs(self, requests: list[Request], candidates: list[str]) -> list[dict[str, float]]:
+        """One token generated per request with `logprobs` and the top alternatives; a candidate
+        scores the best log-probability among alternatives that are the candidate up to surrounding
+        spaces, and -inf when none is (the server did not rank it in its top `TOP_LOGPROBS`)."""
+        return run_sync(lambda: self._logprobs(requests, candidates), thread_name="openai-logprobs")
+
+    async def _logprobs(self, requests: list[Request], candidates: list[str]) -> list[dict[str, float]]:
+        options = {"max_tokens": 1, "temperature": 0.0, "logprobs": True, "top_logprobs": TOP_LOGPROBS}
+
+        async def one(session: ChatSession, i: int, request: Request) -> dict[str, float]:
+            try:
+                reply = await session.complete(to_openai_messages(request.messages), label=f"logprobs {i}", **options)
+            except RequestFailed:  # logged by the client; the caller records an error for this sample
+                return {c: float("nan") for c in candidates}
+            if reply.top_logprobs is None:
+                raise CapabilityError(f"openai backend {self.params.model} at {public_url(self.base_url)} returned "
+                                      "no log-probabilities (the server must support `logprobs`)")
+            best = {c: float("-inf") for c in candidates}
+            for token, logprob in reply.top_logprobs:
+                if token.strip() in best:
+                    best[token.strip()] = max(best[token.strip()], logprob)
+            return best
+
+        async with self.chat.session() as session:
+            return list(await asyncio.gather(*(one(session, i, r) for i, r in enumerate(requests))))
 
     def _refuse_edits(self, edits: Edits | None) -> None:
         if edits is not None:

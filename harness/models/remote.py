@@ -153,6 +153,9 @@ class Reply:
     prompt_tokens: int
     completion_tokens: int
     attempts: int  # HTTP requests spent on it, retries included
+    #: The first generated token's most likely alternatives, (token text, log-probability), when the
+    #: request asked for `logprobs` and the server returned them.
+    top_logprobs: list[tuple[str, float]] | None = None
 
 
 class RequestFailed(Exception):
@@ -177,7 +180,17 @@ def parse_response(response: Any, attempts: int) -> Reply:
         prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
         completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
         attempts=attempts,
+        top_logprobs=_first_token_alternatives(choices[0]),
     )
+
+
+def _first_token_alternatives(choice: Any) -> list[tuple[str, float]] | None:
+    content = getattr(getattr(choice, "logprobs", None), "content", None)
+    if not content:
+        return None
+    first = content[0]
+    pairs = [(str(t.token), float(t.logprob)) for t in (getattr(first, "top_logprobs", None) or [])]
+    return pairs or [(str(first.token), float(first.logprob))]
 
 
 class RemoteChat:

@@ -24,7 +24,7 @@ name an unrelated video-less processor that expands image tokens alike; `PaddleO
 gives identical encodings today, but it misdescribes the checkpoint and would break silently if
 either class drifts, so it is not done.
 Real Qwen2-VL checkpoints hit the same wall on a machine without torchvision, so the fix lives
-where every model is loaded: `harness.models.hf.load_processor` notices the missing image
+where every model is loaded: `harness.models.hf_loading.load_processor` notices the missing image
 processor and reloads with the video-free subclass. `realign run --model <folder>` (and
 `HFBackend`) therefore work in a fresh process; tests/test_tiny_models.py checks that.
 """
@@ -50,7 +50,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from harness.models.hf import video_free
+from harness.models.hf_loading import video_free
 from harness.tiny.tokenizer import BOS, EOS, PAD, chat_template, train_tokenizer
 
 TINY_ARCHS: tuple[str, ...] = ("llava", "qwen2_vl", "idefics3")
