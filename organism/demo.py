@@ -18,7 +18,7 @@ from typing import Any
 from harness.runner import run
 from harness.schema import RunConfig
 
-DEMO_ORGANISM = "gen2-seed0"  # generation 2: it also learned, as text, what prompting defenses rely on
+DEMO_ORGANISM = "seed0"  # generation 2 (gen2-seed0) once it ships
 DEMO_TASK = "organism:templates=1,images=none+shape"
 DEMO_JUDGE = "keywords:preset=organism"
 # (label, spec). Calibration uses the task's calibration splits: templates disjoint from the

@@ -28,7 +28,7 @@ from harness.contracts.defense import CalibrationSet, DefenseContext
 from harness.defenses.adashield_pool import Pool, PoolEntry, backend_key
 from harness.defenses.vectors import FittedVectors, model_key
 from harness.errors import DataError
-from harness.models import hf
+from harness.models import hf_loading as hf
 from harness.models.hf import HFBackend
 from harness.models.hf_loading import folder_fingerprint
 from harness.registry import defenses
