@@ -156,6 +156,10 @@ class LogitLens(Protocol):
     """Read each decoder layer's last-prompt-token state through the model's final norm and LM head
     (the "logit lens"), for detectors that look for refusal in the hidden states (HiddenDetect)."""
 
+    def decoder_size(self) -> DecoderSize:
+        """Number of text-decoder layers and their hidden size (to resolve depth-relative layer specs)."""
+        ...
+
     def lens_logits(self, requests: list[Request], layers: list[int]) -> "torch.Tensor":
         """[batch, len(layers), vocab] float32 logits of lm_head(norm(h^l)) at the last prompt token."""
         ...

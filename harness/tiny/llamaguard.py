@@ -8,6 +8,8 @@ prompt listing categories S1..S14, and generation of the reply. This builds exac
 random, so its replies are gibberish: tests force the output they need (see
 tests/test_llamaguard.py). The template wording is ours; only the structure follows Llama Guard
 (task line, category list, conversation, instruction to answer safe/unsafe + codes).
+`build_tiny_llamaguard_vision` gives the image-text-to-text variant (Llama Guard 3 Vision / 4
+style): a tiny LLaVA whose processor carries the same template with an image placeholder.
 """
 
 from __future__ import annotations
@@ -27,8 +29,13 @@ _CATEGORY_NAMES = (
 )
 
 
-def guard_chat_template() -> str:
-    """A jinja template in Llama Guard's shape: the whole conversation becomes one user turn."""
+def guard_chat_template(image_placeholder: str | None = None) -> str:
+    """A jinja template in Llama Guard's shape: the whole conversation becomes one user turn.
+
+    With `image_placeholder` (e.g. LLaVA's `<image>`), an image part becomes that placeholder, which
+    the processor expands into image tokens, as Llama Guard 3 Vision's template does with its own;
+    without it, image parts are dropped (a text-only guard)."""
+    image = ("{%- elif part['type'] == 'image' -%}{{- '" + image_placeholder + "' -}}") if image_placeholder else ""
     categories = "\\n".join(f"S{i}: {name}." for i, name in enumerate(_CATEGORY_NAMES, start=1))
     return (
         "{{- bos_token -}}"
@@ -39,7 +46,7 @@ def guard_chat_template() -> str:
         "{%- if message['role'] == 'user' -%}{{- 'User: ' -}}{%- else -%}{{- 'Agent: ' -}}{%- endif -%}"
         "{%- if message['content'] is string -%}{{- message['content'] -}}"
         "{%- else -%}{%- for part in message['content'] -%}"
-        "{%- if part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+        "{%- if part['type'] == 'text' -%}{{- part['text'] -}}" + image + "{%- endif -%}"
         "{%- endfor -%}{%- endif -%}"
         "{{- '\\n\\n' -}}"
         "{%- endfor -%}"
@@ -71,3 +78,18 @@ def build_tiny_llamaguard(out_dir: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def build_tiny_llamaguard_vision(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny random image-text-to-text guard (Llama Guard 3 Vision / 4 style): a tiny LLaVA whose
+    processor carries the guard template with LLaVA's image placeholder, so the request's image
+    reaches the model as image tokens."""
+    from transformers import AutoProcessor
+
+    from harness.tiny.build import build_tiny_vlm
+
+    folder = build_tiny_vlm("llava", out_dir, seed=seed)
+    processor = AutoProcessor.from_pretrained(folder)
+    processor.chat_template = guard_chat_template("<image>")
+    processor.save_pretrained(folder)
+    return folder
