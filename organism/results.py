@@ -23,7 +23,16 @@ from harness.schema import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "organism:images=none+shape"
-DEFENSES = DEMO_DEFENSES  # the same defaults as the demo, on the full test split
+#: The demo's defenses (same defaults), then every other one, calibrated on the organism's own
+#: calibration splits (picture inputs, shaped like the evaluated ones). `guard` and `protector` are
+#: absent: they need a trained Llama Guard or harm detector, which no organism ships (see the README).
+DEFENSES = DEMO_DEFENSES + (
+    ("HiddenDetect", "hiddendetect:calibration_unsafe=organism:split=calibration_harmful_shape,"
+                     "calibration_safe=organism:split=calibration_benign_shape"),
+    ("JailGuard", f"jailguard:calibration=organism:split=calibration_benign_shape,"
+                  f"calibration_max_new_tokens={CARD_MAX_NEW_TOKENS}"),
+    ("QGuard (self)", "qguard:guard=self,calibration=organism:split=calibration_benign_shape"),
+)
 KEYS = ("refused_none", "refused_shape", "helpful_none", "helpful_shape", "picture_qa")
 
 

@@ -24,8 +24,9 @@ from harness.contracts.backend import Backend, Completion, GenerationParams, Req
 from harness.contracts.defense import CalibrationSet  # noqa: E402
 from harness.defenses import mutations as mut  # noqa: E402
 from harness.defenses.divergence import (ThetaState, divergence_matrix, max_divergence, ngram_similarity,  # noqa: E402
-                                         similarity_matrix, theta_at_fpr)
+                                         similarity_matrix)
 from harness.defenses.jailguard import JailGuard  # noqa: E402
+from harness.defenses.thresholds import threshold_at_fpr  # noqa: E402
 from harness.errors import DataError  # noqa: E402
 from harness.models.openai_api import OpenAIBackend  # noqa: E402
 from harness.refusal import BLOCKED_REPLY  # noqa: E402
@@ -271,7 +272,7 @@ def test_params_are_validated() -> None:
 
 # ---- θ calibration -------------------------------------------------------------------------------
 def test_theta_is_fitted_at_the_target_fpr_saved_and_checked(tmp_path: Path) -> None:
-    assert theta_at_fpr([0.0, 0.3, 0.1, 0.2], 0.25) == 0.2 and theta_at_fpr([0.0, 0.3, 0.1, 0.2], 0.2) == 0.3
+    assert threshold_at_fpr([0.0, 0.3, 0.1, 0.2], 0.25) == 0.2 and threshold_at_fpr([0.0, 0.3, 0.1, 0.2], 0.2) == 0.3
     backend = Scripted(pixel_digest, model="m1")
     guard = defenses.build("jailguard:n=3,fpr=0.25,calibration=demo")
     samples = [Sample(f"c/{i}", "q", picture(i)) for i in range(4)]

@@ -1,7 +1,8 @@
 """QGuard (harness/defenses/qguard.py): P(yes) and the graph score against references written here
 (by hand, an exact linear solve, networkx when installed), the score's independence of
 PYTHONHASHSEED, the threshold, batching (guard=self on tiny LLaVA, a separate guard on the local
-OpenAI-compatible server), failures as errors, capability refusals and one run on the organism."""
+OpenAI-compatible server), failures as errors, capability refusals and one run on the organism.
+Threshold calibration is tested in tests/test_qguard_calibration.py."""
 
 from __future__ import annotations
 
@@ -21,15 +22,8 @@ import pytest
 from PIL import Image
 
 from harness.contracts.backend import Backend, Completion, GenerationParams, Request
-from harness.defenses.qguard import (
-    FRAME,
-    QUESTIONS_FILE,
-    GuardQuestions,
-    QGuard,
-    question_graph,
-    risk_score,
-    yes_probability,
-)
+from harness.defenses.qguard import FRAME, QGuard
+from harness.defenses.qguard_graph import QUESTIONS_FILE, GuardQuestions, question_graph, risk_score, yes_probability
 from harness.errors import CapabilityError, DataError
 from harness.refusal import BLOCKED_REPLY
 from harness.registry import backends, defenses
@@ -187,6 +181,7 @@ def test_threshold_is_strict_and_refusal_is_a_parameter():
     assert at[0].trace["risk"] == round(risk, 6) and at[0].trace["p_yes"]["General Toxic"] == [0.3333] * 5
     assert guard.calls == [105, 105]  # 35 questions x 3 samples, one call per batch
     assert below[0].trace["model_calls"] == 0 and at[0].trace["model_calls"] == 1
+    assert (at[0].trace["threshold"], at[0].trace["threshold_source"]) == (risk, "explicit")
 
 
 # ---- questions ------------------------------------------------------------------------------------
@@ -335,4 +330,6 @@ def test_runs_end_to_end_on_the_organism(tmp_path):
     lines = [json.loads(x) for x in gens_file.read_text(encoding="utf-8").splitlines()]
     assert len(lines) == 6 and all(x["error"] is None and x["trace"]["guard_batches"] == 1 for x in lines)
     assert all(x["trace"]["flagged"] == (x["trace"]["risk"] > 0.5) for x in lines)
+    assert all(x["trace"]["threshold"] == 0.5 and x["trace"]["threshold_source"] == "default" for x in lines)
     assert records and records[0].identity["defense"]["questions"] == 35
+    assert (records[0].identity["defense"]["threshold"], records[0].identity["defense"]["threshold_source"]) == (0.5, "default")

@@ -20,9 +20,10 @@ does not suit the other, so calibrate θ on benign inputs rather than reuse the 
 `similarity=spacy` uses spaCy's vectors, when spaCy and the model are installed.
 
 A calibrated θ (`ThetaState`) is the divergence that at most a target share of benign calibration
-samples exceed. It is saved like every fitted state (safetensors: the calibration divergences,
-with a manifest naming the model, the settings and the sample ids) and refused for another
-model: a divergence scale depends on how that model answers.
+samples exceed (`threshold_at_fpr`, shared with the other calibrated detectors). It is saved like
+every fitted state (safetensors: the calibration divergences, with a manifest naming the model,
+the settings and the sample ids) and refused for another model: a divergence scale depends on how
+that model answers.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from harness.contracts.backend import Backend
+from harness.defenses.thresholds import backend_key, key_mismatch
 from harness.errors import DataError
 
 Similarity = Callable[[str, str], float]
@@ -134,22 +136,6 @@ def max_divergence(sim: np.ndarray) -> float:
 THETA_KIND = "jailguard-theta"
 
 
-def theta_at_fpr(divergences: list[float], fpr: float) -> float:
-    """The smallest observed divergence that at most floor(fpr * n) of `divergences` lie strictly
-    above (flagging is `divergence > theta`, so ties with θ pass)."""
-    ordered = sorted(divergences, reverse=True)
-    return float(ordered[min(math.floor(fpr * len(ordered)), len(ordered) - 1)])
-
-
-def target_key(backend: Backend) -> dict[str, Any]:
-    """The model a θ belongs to: its folder fingerprint where it has one, else its name and revision."""
-    ident = backend.identity()
-    key = {"model": ident.get("model") or ident.get("pretrained") or backend.spec, "revision": ident.get("revision")}
-    if ident.get("folder_hash"):
-        key["fingerprint"] = ident["folder_hash"]
-    return key
-
-
 @dataclass
 class ThetaState:
     """A θ fitted on benign samples (`FittedState`): the divergences it came from and a manifest."""
@@ -159,7 +145,7 @@ class ThetaState:
 
     @classmethod
     def for_backend(cls, backend: Backend, divergences: list[float], manifest: dict[str, Any]) -> ThetaState:
-        return cls(np.asarray(divergences, dtype=np.float64), {**manifest, "target": target_key(backend)})
+        return cls(np.asarray(divergences, dtype=np.float64), {**manifest, "target": backend_key(backend)})
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -192,12 +178,11 @@ class ThetaState:
 
     def check_model(self, backend: Backend, where: str) -> None:
         """Refuse a θ calibrated on another model (by fingerprint when both have one, else by name)."""
-        have, want = self.manifest.get("target") or {}, target_key(backend)
-        keys = ["fingerprint"] if have.get("fingerprint") and want.get("fingerprint") else ["model", "revision"]
-        for key in keys:
-            if have.get(key) != want.get(key):
-                raise DataError(f"jailguard theta {where} was calibrated on {have.get('model')} ({key}="
-                                f"{have.get(key)!r}), not {want.get('model')} ({key}={want.get(key)!r}); calibrate again")
+        have, want = self.manifest.get("target") or {}, backend_key(backend)
+        key = key_mismatch(have, want)
+        if key is not None:
+            raise DataError(f"jailguard theta {where} was calibrated on {have.get('model')} ({key}="
+                            f"{have.get(key)!r}), not {want.get('model')} ({key}={want.get(key)!r}); calibrate again")
 
     def calibration_ids(self) -> set[str]:
         return set(self.manifest.get("calibration", {}).get("ids", []))

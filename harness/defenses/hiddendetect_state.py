@@ -1,8 +1,9 @@
 """HiddenDetect's arithmetic and its fitted state, kept apart from the defense so each is small.
 
 The arithmetic is a handful of pure functions on tensors (the refusal vector R, the per-layer
-cosines F_l, the trapezoid score, the band rule, the threshold at a false-positive rate, AUROC),
-so tests can check each against a hand computation without a model.
+cosines F_l, the trapezoid score, the band rule; the threshold at a false-positive rate and AUROC
+are the shared ones of `harness.defenses.thresholds`), so tests can check each against a hand
+computation without a model.
 
 The state (`HiddenDetectState`) holds what calibration measured: every calibration sample's F_l
 at every layer, per role. Band and threshold are derived from these curves with the run's own
@@ -27,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from harness.contracts.backend import Backend
+from harness.defenses.thresholds import auroc, threshold_at_fpr
 from harness.defenses.vectors import (
     FORMAT_VERSION,
     manifest_path,
@@ -111,28 +113,6 @@ def band_from_fdv(fdv: torch.Tensor, rule: str) -> tuple[list[int], bool]:
     if rule == "exceed":
         return picked, False
     raise ValueError(f"unknown band rule {rule!r}")
-
-
-def threshold_at_fpr(safe_scores: torch.Tensor, fpr: float) -> float:
-    """τ such that at most floor(fpr·n) of the n benign scores lie strictly above it (the flag
-    rule is S > τ): the (k+1)-th largest benign score, k = floor(fpr·n). No interpolation, so τ
-    is always an observed score and the calibration false-positive rate never exceeds `fpr`."""
-    scores = sorted((float(x) for x in safe_scores), reverse=True)
-    if not scores:
-        raise DataError("the safe calibration set gave no score to set a threshold on")
-    k = min(math.floor(fpr * len(scores) + 1e-9), len(scores) - 1)
-    return scores[k]
-
-
-def auroc(positive: Sequence[float] | torch.Tensor, negative: Sequence[float] | torch.Tensor) -> float:
-    """Area under the ROC curve by the rank (Mann-Whitney) formula: the share of (positive,
-    negative) pairs the score orders correctly, ties counting one half. NaN if a side is empty."""
-    pos = torch.as_tensor(positive, dtype=torch.float64).reshape(-1, 1)
-    neg = torch.as_tensor(negative, dtype=torch.float64).reshape(1, -1)
-    if pos.numel() == 0 or neg.numel() == 0:
-        return float("nan")
-    wins = (pos > neg).double().sum() + 0.5 * (pos == neg).double().sum()
-    return float(wins / (pos.numel() * neg.numel()))
 
 
 @dataclass(frozen=True)

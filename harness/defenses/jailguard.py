@@ -23,7 +23,7 @@ Decisions, and why (harness choices are marked as such):
     for spaCy similarities, and the default similarity here is character n-grams (a harness
     choice, see divergence.py), so calibrating is better: `calibration=TASK_SPEC` measures the
     divergence of benign calibration samples and sets θ so that at most `fpr` of them exceed it
-    (divergence.py); `theta_file=` loads such a θ. The calibration stage has no access to the
+    (thresholds.py); `theta_file=` loads such a θ. The calibration stage has no access to the
     run's decoding settings, so `calibration_max_new_tokens` must match the run's --max-new-tokens.
   * Under greedy decoding mild mutations often leave the answer unchanged, so divergence can only
     come from the mutation; the trace records every variant's mutation and answer to measure it.
@@ -40,8 +40,9 @@ from typing import Any, Literal
 from harness.contracts.backend import Backend, Completion, GenerationParams, Request, user_request
 from harness.contracts.defense import CalibrationPlan, CalibrationSet, Defense, FittedState, generation, timed_generate
 from harness.defenses.divergence import (ThetaState, max_divergence, ngram_similarity, similarity_matrix,
-                                         spacy_similarity, theta_at_fpr)
+                                         spacy_similarity)
 from harness.defenses.mutations import mutate
+from harness.defenses.thresholds import threshold_at_fpr
 from harness.defenses.vectors import calibration_record
 from harness.errors import DataError
 from harness.refusal import BLOCKED_REPLY, RefusalMatcher, check_preset, preset_identity
@@ -160,7 +161,7 @@ class JailGuard(Defense):
                     scores.append({"id": job.sample.id, **self._score([c.text for c in mine[job.first_variant:]])})
         if not scores:
             raise DataError(f"jailguard calibration on {spec}: no sample could be scored (no variants, or all failed)")
-        theta = theta_at_fpr([s["divergence"] for s in scores], p.fpr)
+        theta = threshold_at_fpr([s["divergence"] for s in scores], p.fpr)
         flagged = [s["divergence"] > theta or s["all_refused"] for s in scores]
         manifest = {
             "defense": "jailguard", "theta": theta, "fpr_target": p.fpr,
