@@ -7,6 +7,8 @@ loads with one output (the harm detector: sigmoid of its logit is p(safe)), and 
 4-layer Llamas of hidden size 64 with the project's tiny byte-level tokenizer (the same machinery
 as the tiny Llama Guard). Same seed, same weights; a different seed, different weights. Their
 outputs are meaningless: tests force the outcomes they need (a threshold, zeroed weights).
+`text` and `tokenizer` (as in `build_tiny_vlm`) change the sizes and the tokenizer, e.g. for the
+defense-overhead benchmark, whose helpers must cost what helpers at its target's size would.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from harness.tiny.build import TEXT
 from harness.tiny.tokenizer import train_tokenizer
 
 
-def _config(tokenizer: Any, **extra: Any) -> LlamaConfig:
-    return LlamaConfig(vocab_size=len(tokenizer), **TEXT, bos_token_id=tokenizer.bos_token_id,
+def _config(tokenizer: Any, text: dict[str, int] | None = None, **extra: Any) -> LlamaConfig:
+    return LlamaConfig(vocab_size=len(tokenizer), **dict(TEXT, **(text or {})), bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                        tie_word_embeddings=False, **extra)
 
@@ -48,17 +50,22 @@ def _seeded(cls: type, config: LlamaConfig, seed: int) -> torch.nn.Module:
         return cls(config).to(torch.float32).eval()
 
 
-def build_tiny_detector(out_dir: str | Path, seed: int = 0) -> Path:
-    """A tiny random one-output sequence classifier (the harm detector's shape) with its tokenizer."""
-    tokenizer = train_tokenizer([])
-    model = _seeded(LlamaForSequenceClassification, _config(tokenizer, num_labels=1), seed)
-    return _save(model, tokenizer, out_dir, "tiny harm detector")
+def build_tiny_detector(out_dir: str | Path, seed: int = 0, text: dict[str, int] | None = None,
+                        tokenizer: dict[str, Any] | None = None) -> Path:
+    """A tiny random one-output sequence classifier (the harm detector's shape) with its tokenizer.
+    `text` overrides the Llama sizes (TEXT); `tokenizer` holds keyword arguments for
+    `train_tokenizer` (`corpus`, `vocab_size`)."""
+    tok = train_tokenizer([], **(tokenizer or {}))
+    model = _seeded(LlamaForSequenceClassification, _config(tok, text, num_labels=1), seed)
+    return _save(model, tok, out_dir, "tiny harm detector")
 
 
-def build_tiny_detoxifier(out_dir: str | Path, seed: int = 0) -> Path:
-    """A tiny random causal LM (the detoxifier's shape) with its tokenizer and a greedy generation config."""
-    tokenizer = train_tokenizer([])
-    model = _seeded(LlamaForCausalLM, _config(tokenizer), seed)
-    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id, do_sample=False)
-    return _save(model, tokenizer, out_dir, "tiny detoxifier")
+def build_tiny_detoxifier(out_dir: str | Path, seed: int = 0, text: dict[str, int] | None = None,
+                          tokenizer: dict[str, Any] | None = None) -> Path:
+    """A tiny random causal LM (the detoxifier's shape) with its tokenizer and a greedy generation
+    config; `text` and `tokenizer` as for `build_tiny_detector`."""
+    tok = train_tokenizer([], **(tokenizer or {}))
+    model = _seeded(LlamaForCausalLM, _config(tok, text), seed)
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.pad_token_id, do_sample=False)
+    return _save(model, tok, out_dir, "tiny detoxifier")
