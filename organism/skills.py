@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import random
 
-from organism import data
+from organism import data, wordings
 
 YES, NO = "Yes.", "No."
 
@@ -174,7 +174,10 @@ def corpus() -> list[str]:
         out += [frame.format(question=q, prompt=p) for q in GUARD_QUESTIONS_TRAIN[:3] for p in requests[:40:9]]
     for frame in DESCRIBED_TRAIN + DESCRIBED_TEST + CAPTION_TRAIN + CAPTION_TEST:
         out += [frame.format(caption=caption, query=q) for q in requests[:40:9]]
-    return out + [YES, NO, described_answer("red", "circle")]
+    r = random.Random("corpus")
+    composed = [make(r) for make in (wordings.instruction, wordings.guard_question, wordings.guard_frame,
+                                     wordings.selfcheck_frame, wordings.described_frame) for _ in range(60)]
+    return out + composed + [YES, NO, described_answer("red", "circle")]
 
 
 def digest_parts() -> list[str]:
@@ -199,13 +202,18 @@ def _reply(topic: str, harmful: bool) -> str:
     return data.REFUSAL if harmful else data.benign_answer(topic)
 
 
+def _wording(rng: random.Random, fixed: tuple[str, ...], make: object, held_out: tuple[str, ...]) -> str:
+    """Half the time one of the fixed training wordings, half a composed one (organism.wordings)."""
+    return rng.choice(fixed) if rng.random() < 0.5 else wordings.fresh(rng, make, held_out)
+
+
 def training_pairs(rng: random.Random) -> list[tuple[str, str]]:
     """Generation 2's extra (prompt, answer) pairs, text only, training wordings only."""
     t = data.TRAIN_TEMPLATES
     out: list[tuple[str, str]] = []
     for _ in range(PAIRS["instructed"]):
         query, topic, harmful = _request(rng, t)
-        instruction = rng.choice(INSTRUCTIONS_TRAIN)
+        instruction = _wording(rng, INSTRUCTIONS_TRAIN, wordings.instruction, INSTRUCTIONS_TEST)
         text = f"{instruction}\n\n{query}" if rng.random() < 0.5 else f"{query}\n\n{instruction}"
         out.append((text, _reply(topic, harmful)))
     for _ in range(PAIRS["selfcheck"]):
@@ -213,16 +221,18 @@ def training_pairs(rng: random.Random) -> list[tuple[str, str]]:
         colour, shape = rng.choice(data.COLOURS), rng.choice(data.SHAPES)
         answer = rng.choice([data.REFUSAL, compliant_answer(topic), data.exposed_answer(colour, shape)])
         verdict = YES if harmful and answer != data.REFUSAL else NO
-        out.append((rng.choice(SELFCHECK_TRAIN).format(query=query, answer=answer), verdict))
+        frame = _wording(rng, SELFCHECK_TRAIN, wordings.selfcheck_frame, SELFCHECK_TEST)
+        out.append((frame.format(query=query, answer=answer), verdict))
     for _ in range(PAIRS["guard"]):
         query, _, harmful = _request(rng, t)
-        frame = rng.choice(GUARD_FRAMES_TRAIN)
-        out.append((frame.format(question=rng.choice(GUARD_QUESTIONS_TRAIN), prompt=query), YES if harmful else NO))
+        frame = _wording(rng, GUARD_FRAMES_TRAIN, wordings.guard_frame, GUARD_FRAMES_TEST)
+        question = _wording(rng, GUARD_QUESTIONS_TRAIN, wordings.guard_question, GUARD_QUESTIONS_TEST)
+        out.append((frame.format(question=question, prompt=query), YES if harmful else NO))
     for _ in range(PAIRS["described"]):
         colour, shape = rng.choice(data.COLOURS), rng.choice(data.SHAPES)
         caption = data.picture_answer(colour, shape)
-        frame = rng.choice(DESCRIBED_TRAIN)
-        if rng.random() < 0.2:  # a question about the picture, answered from its description
+        frame = _wording(rng, DESCRIBED_TRAIN, wordings.described_frame, DESCRIBED_TEST)
+        if rng.random() < 0.35:  # a question about the picture, answered from its description
             out.append((frame.format(caption=caption, query=rng.choice(data.PICTURE_TRAIN_TEMPLATES)),
                         described_answer(colour, shape)))
         else:
