@@ -126,6 +126,16 @@ class HFBackend(Backend):
         scores = hf_scoring.next_token_logprobs(self.model, self._encode(requests), ids)
         return [{c: float(row[i]) for i, c in enumerate(candidates)} for row in scores]
 
+    def encode(self, requests: list[Request]) -> dict[str, torch.Tensor]:
+        """The model inputs `generate` would build (chat template, left padding, on the model's device),
+        for a defense that runs its own hooked forwards or decoding loop on `self.model`."""
+        return self._encode(requests)
+
+    def generation_config(self, params: GenerationParams) -> Any:
+        """The transformers GenerationConfig `generate` would use for `params` (eos and pad as this
+        backend sets them), for defenses that call `self.model.generate` themselves."""
+        return self._generation_config(params)
+
     # ---- internals ----------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
