@@ -233,6 +233,15 @@ def test_original_is_answered_beside_n_variants_or_is_variant_zero() -> None:
     assert [v["image"] for v in gen0.trace["variants"][1:]] == [v["image"] for v in gen.trace["variants"][1:]]
 
 
+def test_request_batch_splits_the_calls_and_changes_nothing_else() -> None:
+    samples = [Sample(f"s/{i}", "q", picture(10 + i)) for i in range(3)]
+    whole, split = Scripted(pixel_digest), Scripted(pixel_digest)
+    a = jailguard(n=4, theta=100.0).generate(whole, samples, GREEDY)
+    b = jailguard(n=4, theta=100.0, request_batch=4).generate(split, samples, GREEDY)
+    assert whole.calls == [15] and split.calls == [4, 4, 4, 3]
+    assert [(g.output, g.trace["variants"]) for g in a] == [(g.output, g.trace["variants"]) for g in b]
+
+
 def test_image_less_samples_mutate_text_or_are_skipped() -> None:
     backend = Scripted(lambda r: "same")
     text_only = Sample("s/t", "Tell me a story about a red fox", None)

@@ -91,10 +91,13 @@ class JailGuard(Defense):
         fpr: float = 0.05
         theta_file: str | None = None
         allow_overlap: bool = False
+        request_batch: int = 0  # requests per backend call; 0 = all (n+1)·B of a batch in one call
 
         def __post_init__(self) -> None:
             if self.n < 2:
                 raise ValueError("n must be at least 2 (a divergence needs two answers)")
+            if self.request_batch < 0:
+                raise ValueError("request_batch must be >= 0 (0 sends a batch's requests in one call)")
             if self.include_original and self.n < 3:
                 raise ValueError("include_original=true needs n >= 3 (the original plus two mutations)")
             if self.theta < 0 or self.top_chars < 0 or self.ngram < 1:
@@ -151,7 +154,7 @@ class JailGuard(Defense):
         for start in range(0, len(samples), batch_size):
             jobs = [self._job(s, answered=False) for s in samples[start : start + batch_size]]
             jobs = [j for j in jobs if j.mutations]
-            completions, _ = timed_generate(backend, [r for j in jobs for r in j.requests], params)
+            completions, _ = self._answer(backend, [r for j in jobs for r in j.requests], params)
             calls += len(completions)
             at = 0
             for job in jobs:
@@ -232,10 +235,23 @@ class JailGuard(Defense):
                 "refusals": refusals, "flagged": bool(reasons), "reasons": reasons}
 
     # ---- generation ----------------------------------------------------------------------------
+    def _answer(self, backend: Backend, requests: list[Any], params: GenerationParams) -> tuple[list[Completion], float]:
+        """Every request answered, in calls of `request_batch` (a batch of B samples is (n+1)·B
+        requests, which may not fit a GPU at once); seconds per request over all calls."""
+        size = self.params.request_batch or max(len(requests), 1)
+        out: list[Completion] = []
+        seconds = 0.0
+        for i in range(0, len(requests), size):
+            chunk = requests[i : i + size]
+            done, per = timed_generate(backend, chunk, params)
+            out += done
+            seconds += per * len(chunk)
+        return out, seconds / max(len(requests), 1)
+
     def generate(self, backend: Backend, samples: list[Sample], params: GenerationParams) -> list[Generation]:
         jobs = [self._job(s) for s in samples]
         requests = [r for job in jobs for r in job.requests]
-        completions, per_request = timed_generate(backend, requests, params)
+        completions, per_request = self._answer(backend, requests, params)
         out, at = [], 0
         for job in jobs:
             mine = completions[at : at + len(job.requests)]
