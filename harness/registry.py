@@ -22,7 +22,7 @@ T = TypeVar("T")
 
 # Packages whose modules register built-in components on import; every module in them is
 # imported on first lookup, so a new component file needs no list to be kept in sync.
-BUILTIN_PACKAGES = ("harness.models", "harness.defenses", "tasks", "judges")
+BUILTIN_PACKAGES = ("harness.models", "harness.defenses", "tasks", "judges", "attacks")
 PLUGIN_GROUP = "realign.plugins"
 
 
@@ -84,8 +84,9 @@ backends: Registry[Any] = Registry("backend")
 tasks: Registry[Any] = Registry("task")
 defenses: Registry[Any] = Registry("defense")
 judges: Registry[Any] = Registry("judge")
+attacks: Registry[Any] = Registry("attack")
 
-REGISTRIES = {"backends": backends, "tasks": tasks, "defenses": defenses, "judges": judges}
+REGISTRIES = {"backends": backends, "tasks": tasks, "defenses": defenses, "judges": judges, "attacks": attacks}
 
 
 def backend(name: str) -> Callable[[type[T]], type[T]]:
@@ -102,6 +103,10 @@ def defense(name: str) -> Callable[[type[T]], type[T]]:
 
 def judge(name: str) -> Callable[[type[T]], type[T]]:
     return judges.register(name)
+
+
+def attack(name: str) -> Callable[[type[T]], type[T]]:
+    return attacks.register(name)
 
 
 _loaded = False

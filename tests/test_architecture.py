@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("harness", "tasks", "judges", "organism", "benchmarks", "tests")
+PACKAGES = ("harness", "tasks", "judges", "organism", "benchmarks", "tests", "attacks")
 
 
 def python_files(*packages: str) -> list[Path]:
@@ -48,12 +48,20 @@ def test_defenses_know_no_runner_judge_or_task():
 
 def test_the_core_imports_no_task_judge_or_organism():
     core = [p for p in python_files("harness") if p.name != "cli.py"]  # the CLI is the top: it wires commands
-    assert offenders(core, ("tasks", "judges", "organism")) == []
+    assert offenders(core, ("tasks", "judges", "organism", "attacks")) == []
 
 
 def test_tasks_know_no_model_defense_or_judge():
     assert offenders(python_files("tasks"), ("harness.models", "harness.defenses", "harness.runner", "judges",
                                              "harness.judging", "harness.calibration")) == []
+
+
+def test_attacks_know_no_model_defense_judge_or_metric():
+    """An attack rewrites a request; it never sees what answers it or how the answer is scored."""
+    files = python_files("attacks")
+    assert files
+    assert offenders(files, ("harness.models", "harness.defenses", "harness.runner", "judges", "harness.judging",
+                             "harness.analysis", "harness.calibration")) == []
 
 
 def test_judges_know_no_defense_or_runner():

@@ -19,6 +19,9 @@ class Task(ABC):
     Params: ClassVar[type]
     #: Safety tasks score verdicts; utility tasks parse answers themselves and need no judge.
     needs_judge: ClassVar[bool] = True
+    #: Whether every sample carries a plain harmful request (`Sample.query`, with its category) that
+    #: an attack (harness.contracts.attack) may rewrite; a utility task keeps False and refuses attacks.
+    attackable: ClassVar[bool] = False
     #: Metric name or glob pattern -> its meaning; an exact name wins over patterns, patterns match in
     #: order. A metric the table does not cover is recorded as `other` (shown, never ranked).
     meanings: ClassVar[Mapping[str, MetricMeaning]] = {}

@@ -1,0 +1,1 @@
+"""Attacks: each module registers one with `@attack("name")` (harness.contracts.attack)."""
