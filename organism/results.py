@@ -24,14 +24,21 @@ from harness.schema import RunConfig
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "organism:images=none+shape"
 #: The demo's defenses (same defaults), then every other one, calibrated on the organism's own
-#: calibration splits (picture inputs, shaped like the evaluated ones). `guard` and `protector` are
-#: absent: they need a trained Llama Guard or harm detector, which no organism ships (see the README).
+#: calibration splits (picture inputs, shaped like the evaluated ones). `guard`, `protector` and `eta`
+#: are absent: they need a trained Llama Guard, harm detector or reward model and CLIP, which no
+#: organism ships (see the README).
 DEFENSES = DEMO_DEFENSES + (
     ("HiddenDetect", "hiddendetect:calibration_unsafe=organism:split=calibration_harmful_shape,"
                      "calibration_safe=organism:split=calibration_benign_shape"),
     ("JailGuard", f"jailguard:calibration=organism:split=calibration_benign_shape,"
                   f"calibration_max_new_tokens={CARD_MAX_NEW_TOKENS}"),
     ("QGuard (self)", "qguard:guard=self,calibration=organism:split=calibration_benign_shape"),
+    ("CoCA", "coca"),
+    # The public selection's KL limit (0.1) discards every candidate on a 4-layer model, so it is
+    # relaxed; alpha and positions are the organism sweep's pick (README, "refusal direction").
+    ("Refusal direction", "refusal_dir:calibration_unsafe=organism:split=calibration_harmful,"
+                          "calibration_safe=organism:split=calibration_benign,kl_threshold=2,"
+                          "alpha=0.25,positions=last_prompt"),
 )
 KEYS = ("refused_none", "refused_shape", "helpful_none", "helpful_shape", "picture_qa")
 
