@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from harness.errors import RealignError
 from organism import commands as organism_commands
@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--defense", action="extend", nargs="+", default=None, help="defense spec (default: none)")
     p.add_argument("--task", action="extend", nargs="+", required=True, help="task spec")
     p.add_argument("--judge", action="extend", nargs="+", default=None, help="judge spec (default: keywords)")
+    p.add_argument("--attack", action="extend", nargs="+", default=None,
+                   help="attack spec applied to attackable tasks (default: none, the tasks as released)")
     p.add_argument("--out", required=True, help="run directory (resumed if it holds the same configuration)")
     _add_generation_options(p)
 
@@ -70,7 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--format", choices=("md", "json"), default="md")
     p.add_argument("--detail", action="store_true", help="also per-category metrics")
-    p.add_argument("--plot", metavar="FILE.png", help="also write a safety vs utility scatter per defense")
+    p.add_argument("--plot", metavar="FILE.png", help="also write a safety vs utility scatter per defense "
+                   "(with --matrix: the attack x defense heatmap)")
+    p.add_argument("--matrix", action="store_true", help="attack x defense tables of the headline safety metric, "
+                   "one per (model, task, judge); also written as JSON (DIR/matrix.json unless --json)")
+    p.add_argument("--json", metavar="FILE.json", help="with --matrix: write the matrix JSON here instead")
 
     p = sub.add_parser("judge", help="judge saved generations again (no regeneration); updates results.json")
     p.add_argument("dir", help="run directory")
@@ -95,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     for side in ("a", "b"):
         p.add_argument(f"--model-{side}", default=None, help=f"only this model spec of DIR_{side.upper()}")
         p.add_argument(f"--defense-{side}", default=None, help=f"only this defense spec of DIR_{side.upper()}")
+        p.add_argument(f"--attack-{side}", default=None, help=f"only this attack spec of DIR_{side.upper()}")
     p.add_argument("--format", choices=("md", "json"), default="md")
 
     p = sub.add_parser("gate", help="exit 1 if a run regresses against a baseline (CI)")
@@ -132,6 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         dtype=args.dtype,
+        attacks=args.attack or ["none"],
     )
     records = [r.to_json() for r in run(config, args.out, progress=not args.quiet, retry_errors=args.retry_errors)]
     print(render(records))
@@ -148,7 +156,8 @@ def error_summary(records: list[dict]) -> int:
     print(f"realign: finished with errors in {len(failed)} of {len(records)} result(s); re-run the same "
           "command to retry them:", file=sys.stderr)
     for r in failed:
-        print(f"  {r['model']} | {r['defense']} | {r['task']} | {r['judge'] or '-'}: "
+        attack = f"{r['attack']} | " if r.get("attack", "none") != "none" else ""
+        print(f"  {r['model']} | {attack}{r['defense']} | {r['task']} | {r['judge'] or '-'}: "
               f"{r.get('generation_errors', 0)} generation error(s), {r.get('judge_errors', 0)} judge error(s) "
               f"of {r['n']}", file=sys.stderr)
     return 1
@@ -174,9 +183,20 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"{kind}:")
         for entry in REGISTRIES[kind].entries():
             print(f"  {entry.name:<16} {entry.summary}")
+            if kind == "attacks":  # what the attack itself costs, beside the evaluated model's answer
+                print(f"      (model calls of its own per sample, default parameters: {_attack_calls(entry)})")
             for name, tp, default in describe_params(entry.cls.Params):
                 print(f"      {name}: {tp} = {default}")
     return 0
+
+
+def _attack_calls(entry: Any) -> int:
+    """Helper-model calls an attack makes per sample with its defaults (attacks load models lazily,
+    so building one is cheap); the class's declaration if it cannot be built without parameters."""
+    try:
+        return int(REGISTRIES["attacks"].build(entry.name).calls_per_sample)
+    except Exception:  # noqa: BLE001 - listing must never fail on one component
+        return int(getattr(entry.cls, "calls_per_sample", 0))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -184,11 +204,33 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     rundir = RunDir(Path(args.dir))
     records = check_records(rundir.read_results(), rundir.results_json)  # odd values: an error naming the file
+    if args.matrix:
+        return report_matrix(records, rundir, args)
+    if args.json:
+        raise SpecError("--json writes the attack x defense matrix: give --matrix too")
     print(render(records, args.format, args.detail))
     if args.plot:
         from harness.analysis.plot import plot_run
 
         print(f"wrote {plot_run(args.dir, args.plot)}", file=sys.stderr)
+    return 0
+
+
+def report_matrix(records: list[dict], rundir: RunDir, args: argparse.Namespace) -> int:
+    """`report --matrix`: print the tables (or their JSON), write the JSON, draw the heatmap."""
+    from harness.analysis.matrix import build_matrix, encode, markdown, matrix_json
+    from harness.store import atomic_write
+
+    tables, skipped = build_matrix(records)
+    doc = encode(matrix_json(tables, skipped))
+    print(doc if args.format == "json" else markdown(tables, skipped), end="" if args.format == "json" else "\n")
+    target = Path(args.json) if args.json else rundir.root / "matrix.json"
+    atomic_write(target, doc)
+    print(f"wrote {target}", file=sys.stderr)
+    if args.plot:
+        from harness.analysis.matrix_plot import plot_matrix
+
+        print(f"wrote {plot_matrix(tables, args.plot)}", file=sys.stderr)
     return 0
 
 
@@ -203,7 +245,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from harness.analysis.compare import compare, format_json, format_text
 
-    found = compare(args.dir_a, args.dir_b, args.model_a, args.defense_a, args.model_b, args.defense_b)
+    found = compare(args.dir_a, args.dir_b, args.model_a, args.defense_a, args.model_b, args.defense_b,
+                    attack_a=args.attack_a, attack_b=args.attack_b)
     print(format_json(found) if args.format == "json" else format_text(found))
     return 0
 

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from harness.contracts.judge import Judge
 from harness.contracts.task import Task
-from harness.schema import Generation, ResultRecord, Sample, Verdict
+from harness.schema import Generation, ResultRecord, Sample, Verdict, record_key
 from harness.stats import generation_errors
 from harness.store import Cell
 
@@ -30,6 +30,7 @@ class CellKey:
     model: str
     defense: str
     task: str
+    attack: str = "none"
 
 
 def judge_cell(cell: Cell, judge: Judge, samples: list[Sample], generations: dict[str, Generation],
@@ -67,15 +68,17 @@ def verdict_tokens(verdicts: Iterable[Verdict]) -> dict[str, int]:
 def result_record(key: CellKey, task: Task, judge: Judge | None, samples: list[Sample],
                   generations: dict[str, Generation], verdicts: dict[str, Verdict] | None,
                   identity: dict[str, Any]) -> dict[str, Any]:
-    """The results.json record of one (model, defense, task, judge): metrics with intervals, what
-    each metric means, error counts, and every identity a number depends on."""
+    """The results.json record of one (model, attack, defense, task, judge): metrics with
+    intervals, what each metric means, error counts, and every identity a number depends on (a
+    cell written before attacks existed has no attack identity: it gets `{"spec": "none"}`)."""
     metrics = task.metrics(samples, generations, verdicts)
     judge_errors = int(metrics["judge_errors"].value) if "judge_errors" in metrics else 0
+    identity = {**identity, "attack": identity.get("attack") or {"spec": key.attack}}
     record = ResultRecord(
         model=key.model, defense=key.defense, task=key.task, judge=judge.spec if judge else None,
         n=len(samples), metrics=metrics, generation_errors=generation_errors(samples, generations),
         judge_errors=judge_errors, identity={**identity, "judge": judge.identity() if judge else None},
-        meanings={name: m.to_json() for name, m in task.metric_meanings(metrics).items()},
+        meanings={name: m.to_json() for name, m in task.metric_meanings(metrics).items()}, attack=key.attack,
     ).to_json()
     if verdicts is not None:  # what the judge cost: tokens, requests, verdicts from the cache
         record["identity"]["judge_tokens"] = verdict_tokens(verdicts.values())
@@ -87,7 +90,7 @@ def score_cell(cell: Cell, task: Task, judges: list[Judge], samples: list[Sample
                progress: bool = False, retry_errors: bool = True) -> list[dict[str, Any]]:
     """Judge (if the task needs a judge) and score one cell: one record per judge, or one
     judge-less record for a task that scores answers itself."""
-    key = CellKey(cell.model, cell.defense, cell.task)
+    key = CellKey(cell.model, cell.defense, cell.task, cell.attack)
     if not task.needs_judge:
         return [result_record(key, task, None, samples, generations, None, identity)]
     if not judges:
@@ -100,10 +103,10 @@ def score_cell(cell: Cell, task: Task, judges: list[Judge], samples: list[Sample
 
 
 def merge_record(records: list[dict[str, Any]], record: dict[str, Any]) -> None:
-    """Replace the record of the same (model, defense, task, judge), or append it."""
-    key = (record["model"], record["defense"], record["task"], record["judge"])
+    """Replace the record of the same (model, attack, defense, task, judge), or append it."""
+    key = record_key(record)
     for i, rec in enumerate(records):
-        if (rec["model"], rec["defense"], rec["task"], rec["judge"]) == key:
+        if record_key(rec) == key:
             records[i] = record
             return
     records.append(record)

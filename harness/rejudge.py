@@ -19,23 +19,27 @@ from harness.errors import RunDirError
 from harness.judging import merge_record, score_cell
 from harness.registry import judges, tasks
 from harness.lock import run_lock
-from harness.schema import RunConfig
+from harness.schema import RunConfig, record_key
 from harness.store import Cell, RunDir
 
 log = logging.getLogger(__name__)
 
 
+IDENTITY_KEYS = ("model", "attack", "defense", "task")
+
+
 def _cell_identity(cell: Cell, records: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
-    """Model/defense/task identity as the run recorded it beside the generations; for runs written
-    before that, from an earlier record of the cell, else from run.json."""
+    """Model/attack/defense/task identity as the run recorded it beside the generations; for runs
+    written before that, from an earlier record of the cell, else from run.json. (A cell written
+    before attacks existed has no attack identity; the record builder fills in `none`.)"""
     stored = cell.identity()
     if stored is not None:
-        return {k: stored.get(k) for k in ("model", "defense", "task")}
+        return {k: stored.get(k) for k in IDENTITY_KEYS}
     for rec in records:
-        if (rec["model"], rec["defense"], rec["task"]) == (cell.model, cell.defense, cell.task):
+        if record_key(rec)[:4] == (cell.model, cell.attack, cell.defense, cell.task):
             ident = rec.get("identity") or {}
-            return {k: ident.get(k) for k in ("model", "defense", "task")}
-    return {"model": info.get("backends", {}).get(cell.model, {"spec": cell.model}),
+            return {k: ident.get(k) for k in IDENTITY_KEYS}
+    return {"model": info.get("backends", {}).get(cell.model, {"spec": cell.model}), "attack": {"spec": cell.attack},
             "defense": {"spec": cell.defense}, "task": {"spec": cell.task}}
 
 

@@ -18,6 +18,7 @@ from typing import Any, Callable
 from tqdm import tqdm
 
 from harness import calibration
+from harness.contracts.attack import Attack
 from harness.contracts.backend import Backend, GenerationParams
 from harness.contracts.defense import Defense, DefenseContext
 from harness.contracts.judge import Judge
@@ -27,7 +28,7 @@ from harness.judging import score_cell
 from harness.lock import run_lock
 from harness.models.resolve import resolve_backend
 from harness.provenance import git_commit, host_info, package_versions
-from harness.registry import defenses, judges, tasks
+from harness.registry import attacks, defenses, judges, tasks
 from harness.samples import load_samples, split_loadable
 from harness.schema import Generation, ResultRecord, RunConfig, Sample
 from harness.spec import SpecError
@@ -49,11 +50,15 @@ class Plan:
     defenses: list[Defense]
     tasks: list[Task]
     judges: list[Judge]
+    attacks: list[Attack]
 
     @classmethod
     def build(cls, config: RunConfig) -> Plan:
         if not (config.models and config.defenses and config.tasks):
             raise DataError("a run needs at least one --model, --defense and --task")
+        built_attacks = [attacks.build(a) for a in config.attacks]
+        built_tasks = [tasks.build(t) for t in config.tasks]
+        check_attackable(built_tasks, built_attacks)
         overrides = {"device": config.device, "dtype": config.dtype}
         models = [(m, *resolve_backend(m, overrides)) for m in config.models]
         built_defenses = [defenses.build(d) for d in config.defenses]
@@ -66,9 +71,26 @@ class Plan:
             config=config,
             models=models,
             defenses=built_defenses,
-            tasks=[tasks.build(t) for t in config.tasks],
+            tasks=built_tasks,
             judges=[judges.build(j) for j in config.judges],
+            attacks=built_attacks,
         )
+
+
+def is_plain(attack: Attack) -> bool:
+    """Whether the attack is `none`: the task's samples as released, which every task accepts."""
+    return getattr(type(attack), "registered_name", None) == "none"
+
+
+def check_attackable(built_tasks: list[Task], built_attacks: list[Attack]) -> None:
+    """Refuse, before anything loads or is written, an attack on a task whose samples are not plain
+    harmful requests (a utility benchmark, or a release with its own attack built in): the numbers
+    would mean nothing."""
+    for task in built_tasks:
+        for attack in built_attacks:
+            if not task.attackable and not is_plain(attack):
+                raise SpecError(f"task {task.spec!r} is not attackable (its samples are not plain harmful requests), "
+                                f"so attack {attack.spec!r} cannot apply to it; run it with --attack none only")
 
 
 def check_calibration(defense: Defense) -> None:
@@ -180,23 +202,26 @@ class Runner:
             return backend
 
         try:
-            for defense in self.plan.defenses:
-                for task in self.plan.tasks:
-                    self._run_cell(model_spec, get_backend, defense, task)
+            for attack in self.plan.attacks:
+                for defense in self.plan.defenses:
+                    for task in self.plan.tasks:
+                        self._run_cell(model_spec, get_backend, attack, defense, task)
         finally:
             if backend is not None:
                 backend.close()
 
-    def _run_cell(self, model_spec: str, get_backend: Callable[[], Backend], defense: Defense, task: Task) -> None:
-        cell = self.rundir.cell(model_spec, defense.spec, task.spec)
+    def _run_cell(self, model_spec: str, get_backend: Callable[[], Backend], attack: Attack, defense: Defense,
+                  task: Task) -> None:
+        plain = is_plain(attack)
+        cell = self.rundir.cell(model_spec, defense.spec, task.spec, attack.spec)
         samples = load_samples(task, self.config.limit)
         done = cell.generations()
         pending = [s for s in samples if s.id not in done or (self.retry_errors and done[s.id].get("error"))]
-        label = f"{model_spec} | {defense.spec} | {task.spec}"
+        label = " | ".join([model_spec, *([] if plain else [attack.spec]), defense.spec, task.spec])
         if pending:
             backend = get_backend()
             calibration.prepare(defense, backend, DefenseContext(
-                cache_dir=cell.dir.parent / "fitted",
+                cache_dir=cell.fitted_dir,
                 eval_ids=frozenset(s.id for s in samples),
                 batch_size=self.config.batch_size,
                 progress=self.progress,
@@ -205,7 +230,9 @@ class Runner:
             bar = tqdm(total=len(samples), initial=len(samples) - len(pending), desc=f"generate {label}",
                        disable=not self.progress, file=sys.stderr, unit="sample")
             for start in range(0, len(pending), self.config.batch_size):
-                batch = pending[start : start + self.config.batch_size]
+                # The attack runs per batch, on pending samples only: its images stay lazy and its
+                # own model calls (an LLM rewriter) are not repeated for samples already done.
+                batch = [attack.apply(s, self.config.seed) for s in pending[start : start + self.config.batch_size]]
                 gens = generate_batch(defense, backend, batch, params)
                 cell.append_generations([_generation_record(s, g) for s, g in zip(batch, gens)],
                                         replace=any(s.id in done for s in batch))
@@ -213,8 +240,11 @@ class Runner:
             bar.close()
             done = cell.generations()
         generations = {s.id: Generation.from_json(done[s.id]) for s in samples}
+        if not plain:  # judge and score the samples as they were sent (the record keeps the plain request)
+            samples = [Sample.from_json(done[s.id]["sample"]) for s in samples]
         identity = {
             "model": self.info["backends"].get(model_spec, {"spec": model_spec}),
+            "attack": attack.identity(),
             "defense": defense.identity(),
             "task": task.identity(),
         }

@@ -187,6 +187,8 @@ class RunConfig:
     seed: int = 0
     device: str | None = None
     dtype: str | None = None
+    #: Attack specs (harness.contracts.attack); `none` sends each task's samples as released.
+    attacks: list[str] = field(default_factory=lambda: ["none"])
     check: dataclasses.InitVar[bool] = True
 
     def __post_init__(self, check: bool) -> None:
@@ -203,15 +205,21 @@ class RunConfig:
         check_dtype(self.dtype)
         if self.device is not None and (not isinstance(self.device, str) or not self.device.strip()):
             raise SpecError(f"--device must name a device (cpu, cuda, cuda:N, mps), got {self.device!r}")
+        if not self.attacks:
+            raise SpecError("--attack needs at least one attack spec (none: the tasks as released)")
 
     # Fields that may change between a run and its resumption without changing any output:
     # judges can be added, the limit raised, and batching changed.
     RESUMABLE_FIELDS = ("judges", "limit", "batch_size")
 
     def generation_identity(self) -> dict[str, Any]:
+        """What must match for a run directory to be resumed. `attacks` is left out while it is just
+        `none`, so a directory written before attacks existed resumes under the same command."""
         data = dataclasses.asdict(self)
         for name in self.RESUMABLE_FIELDS:
             data.pop(name)
+        if data["attacks"] == ["none"]:
+            data.pop("attacks")
         return data
 
     def to_json(self) -> dict[str, Any]:
@@ -238,7 +246,8 @@ class MetricValue:
 
 @dataclass
 class ResultRecord:
-    """One (model, defense, task, judge) cell of results.json."""
+    """One (model, attack, defense, task, judge) cell of results.json. Records written before
+    attacks existed have no `attack` field: they read as attack `none` (the task as released)."""
 
     model: str
     defense: str
@@ -251,6 +260,7 @@ class ResultRecord:
     identity: dict[str, Any] = field(default_factory=dict)
     #: metric name -> what it means (kind, better, unit, scale, headline), as its task declared it
     meanings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    attack: str = "none"
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -261,3 +271,14 @@ class ResultRecord:
         names = {f.name for f in dataclasses.fields(cls)}
         rest = {k: v for k, v in data.items() if k in names and k != "metrics"}
         return cls(metrics=metrics, **rest)
+
+
+def record_attack(record: dict[str, Any]) -> str:
+    """The attack of a results.json record: records written before attacks existed carry none, and
+    were made with the tasks as released, i.e. attack `none`."""
+    return str(record.get("attack") or "none")
+
+
+def record_key(record: dict[str, Any]) -> tuple[str, str, str, str, str | None]:
+    """(model, attack, defense, task, judge): what identifies one record of results.json."""
+    return (record["model"], record_attack(record), record["defense"], record["task"], record["judge"])

@@ -3,9 +3,12 @@ resume index; and the readers every later stage (judge, agree, compare) uses to 
 
 Layout (README, "Run directory"):
     DIR/run.json
-    DIR/<model>/<defense>/<task>/generations.jsonl
-    DIR/<model>/<defense>/<task>/verdicts/<judge>.jsonl
+    DIR/<model>/<defense>/<task>/generations.jsonl            (attack `none`: the task as released)
+    DIR/<model>/<attack>/<defense>/<task>/generations.jsonl   (any other attack)
+    DIR/<model>/[<attack>/]<defense>/<task>/verdicts/<judge>.jsonl
     DIR/results.json
+The attack level is left out for `none`, so directories written before attacks existed are read
+(and resumed) as they are.
 Records are written as they are produced, so a killed run loses at most the batch in flight,
 and a torn last line (a kill during a write) is dropped with a warning on the next open.
 """
@@ -147,17 +150,30 @@ def supersede_jsonl(path: Path, records: list[dict[str, Any]], key: str) -> None
     atomic_write(path, "".join(dumps(r) + "\n" for r in kept))
 
 
-class Cell:
-    """The records of one (model, defense, task) combination."""
+NO_ATTACK = "none"
 
-    def __init__(self, root: Path, model: str, defense: str, task: str) -> None:
-        self.model, self.defense, self.task = model, defense, task
-        self.dir = root / slug(model) / slug(defense) / slug(task)
+
+def cell_dir(root: Path, model: str, defense: str, task: str, attack: str = NO_ATTACK) -> Path:
+    """Where a cell's records live: an attack other than `none` adds a level below the model."""
+    under = root / slug(model) if attack == NO_ATTACK else root / slug(model) / slug(attack)
+    return under / slug(defense) / slug(task)
+
+
+class Cell:
+    """The records of one (model, attack, defense, task) combination."""
+
+    def __init__(self, root: Path, model: str, defense: str, task: str, attack: str = NO_ATTACK) -> None:
+        self.model, self.defense, self.task, self.attack = model, defense, task, attack
+        self.dir = cell_dir(root, model, defense, task, attack)
+        #: Fitted defense state is shared by every attack: it depends on the model and defense only.
+        self.fitted_dir = root / slug(model) / slug(defense) / "fitted"
         self.generations_path = self.dir / "generations.jsonl"
         self._check_identity()
 
     def _check_identity(self) -> None:
         ident = {"model": self.model, "defense": self.defense, "task": self.task}
+        if self.attack != NO_ATTACK:  # cells of `none` keep the cell.json they had before attacks
+            ident["attack"] = self.attack
         path = self.dir / "cell.json"
         if path.exists():
             stored = json.loads(path.read_text(encoding="utf-8"))
@@ -196,7 +212,7 @@ class Cell:
             append_jsonl(self.verdicts_path(judge), records)
 
     def write_identity(self, identity: dict[str, Any]) -> None:
-        """The identities (model, defense, task) the cell's generations were made with, so a later
+        """The identities (model, attack, defense, task) the cell's generations were made with, so a later
         judging stage builds exactly the record the run would have."""
         atomic_write_json(self.dir / "identity.json", identity)
 
@@ -278,8 +294,8 @@ class RunDir:
         """Whether any cell holds a generation record (a run that got that far)."""
         return any(p.stat().st_size > 0 for p in self.root.rglob("generations.jsonl"))
 
-    def cell(self, model: str, defense: str, task: str) -> Cell:
-        return Cell(self.root, model, defense, task)
+    def cell(self, model: str, defense: str, task: str, attack: str = NO_ATTACK) -> Cell:
+        return Cell(self.root, model, defense, task, attack)
 
     def config(self) -> tuple[RunConfig, dict[str, Any]]:
         """The run's configuration and its run.json, or an error saying this is no run directory."""
@@ -292,11 +308,11 @@ class RunDir:
         """The cells of the run that have saved generations, in the run's order."""
         config = config or self.config()[0]
         for model in config.models:
-            for defense in config.defenses:
-                for task in config.tasks:
-                    folder = self.root / slug(model) / slug(defense) / slug(task)
-                    if (folder / "generations.jsonl").is_file():
-                        yield self.cell(model, defense, task)
+            for attack in config.attacks:
+                for defense in config.defenses:
+                    for task in config.tasks:
+                        if (cell_dir(self.root, model, defense, task, attack) / "generations.jsonl").is_file():
+                            yield self.cell(model, defense, task, attack)
 
     def write_run_info(self, info: dict[str, Any]) -> None:
         atomic_write_json(self.run_json, info)

@@ -22,15 +22,20 @@ def metric(value: float | None, low: float | None = None, high: float | None = N
 
 def record(model: str, defense: str, task: str, judge: str | None, metrics: dict[str, dict[str, Any]],
            n: int = 100, judge_identity: dict[str, Any] | None = None, task_identity: dict[str, Any] | None = None,
-           ) -> dict[str, Any]:
+           attack: str | None = None) -> dict[str, Any]:
+    """A results.json record; without `attack`, one as written before attacks existed."""
     if judge is not None and judge_identity is None:
         judge_identity = KEYWORDS_IDENTITY if judge == "keywords" else {"spec": judge}
-    return {
+    rec = {
         "model": model, "defense": defense, "task": task, "judge": judge, "n": n, "metrics": metrics,
         "generation_errors": 0, "judge_errors": 0,
         "identity": {"model": {"spec": model}, "defense": {"spec": defense, "params": {}},
                      "task": task_identity or {"spec": task}, "judge": judge_identity},
     }
+    if attack is not None:
+        rec["attack"] = attack
+        rec["identity"]["attack"] = {"spec": attack}
+    return rec
 
 
 def write_run(root: Path, records: list[dict[str, Any]], commit: str = "a" * 40, finished: str = "2026-01-02T03:04:05+00:00",
@@ -45,9 +50,11 @@ def write_run(root: Path, records: list[dict[str, Any]], commit: str = "a" * 40,
                 out.append(r[key])
         return out
 
+    attacks = list(dict.fromkeys(r.get("attack", "none") for r in records))
     info = {
         "config": {"models": uniq("model"), "defenses": uniq("defense"), "tasks": uniq("task"), "judges": uniq("judge"),
-                   "limit": None, "batch_size": 8, "max_new_tokens": 24, "seed": 0},
+                   "limit": None, "batch_size": 8, "max_new_tokens": 24, "seed": 0,
+                   **({"attacks": attacks} if attacks != ["none"] else {})},
         "created_at": "2026-01-01T00:00:00+00:00",
         "sessions": [{"started_at": "2026-01-01T00:00:00+00:00", "finished_at": finished, "argv": ["realign"]}],
         "versions": {"harness": harness_version, "python": "3.11"},
@@ -60,9 +67,9 @@ def write_run(root: Path, records: list[dict[str, Any]], commit: str = "a" * 40,
 
 
 def write_cell(root: Path, model: str, defense: str, task: str, samples: Iterable[Sample], outputs: dict[str, str],
-               verdicts: dict[str, str] | None = None, judge: str = "keywords") -> None:
+               verdicts: dict[str, str] | None = None, judge: str = "keywords", attack: str = "none") -> None:
     """generations.jsonl (each record carrying its sample) and, if given, the judge's verdict labels."""
-    cell = RunDir(root).cell(model, defense, task)
+    cell = RunDir(root).cell(model, defense, task, attack)
     samples = list(samples)
     cell.append_generations([{"sample_id": s.id, "output": outputs[s.id], "prompt": [], "trace": {}, "timings": {},
                               "tokens": {}, "error": None, "sample": s.to_json()} for s in samples])

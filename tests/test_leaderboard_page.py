@@ -59,6 +59,12 @@ def test_csp_hash_matches_the_inline_script():
     assert set(re.findall(r"https?://[^\"' )]+", text)) == {"http://www.w3.org/2000/svg"}
 
 
+def _demo_record(model: str, defense: str, asr: float, refusal: float, attack: str | None = None) -> dict:
+    return record(model, defense, "demo", "keywords", {
+        "asr": metric(asr, asr - 0.05, asr + 0.05, 24), "asr/shape": metric(asr, 0.0, 1.0, 12),
+        "benign_refusal/none": metric(refusal, max(refusal - 0.1, 0.0), refusal + 0.1, 12)}, attack=attack)
+
+
 @pytest.fixture()
 def served(tmp_path: Path) -> Iterator[str]:
     """A leaderboard folder (page + three entries, one with HTML in its names) on 127.0.0.1."""
@@ -68,11 +74,21 @@ def served(tmp_path: Path) -> Iterator[str]:
         (EVIL_MODEL, EVIL_DEFENSE, 0.35, 0.50),
         ("model-a", "adashield", 0.10, 0.45),
     )):
-        runs.append(write_run(tmp_path / f"run{i}", [record(model, defense, "demo", "keywords", {
-            "asr": metric(asr, asr - 0.05, asr + 0.05, 24), "asr/shape": metric(asr, 0.0, 1.0, 12),
-            "benign_refusal/none": metric(refusal, max(refusal - 0.1, 0.0), refusal + 0.1, 12)})]))
-    site = tmp_path / "site"
-    write(build([read_run(r) for r in runs], note="test <i>note</i>"), site)
+        runs.append(write_run(tmp_path / f"run{i}", [_demo_record(model, defense, asr, refusal)]))
+    yield from _serve(tmp_path / "site", [read_run(r) for r in runs], "test <i>note</i>")
+
+
+@pytest.fixture()
+def served_attacks(tmp_path: Path) -> Iterator[str]:
+    """Two models under attacks none and figstep, each with defenses none and adashield."""
+    recs = [_demo_record(m, d, asr, 0.1, attack=a) for m in ("model-a", "model-b")
+            for a, d, asr in (("none", "none", 0.5), ("none", "adashield", 0.2), ("figstep", "none", 0.9),
+                              ("figstep", "adashield", 0.6))]
+    yield from _serve(tmp_path / "site-attacks", [read_run(write_run(tmp_path / "run-attacks", recs))], None)
+
+
+def _serve(site: Path, runs: list, note: str | None) -> Iterator[str]:
+    write(build(runs, note=note), site)
     assert (site / "index.html").read_bytes() == PAGE.read_bytes()
     handler = partial(_QuietHandler, directory=str(site))
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -166,3 +182,21 @@ def test_the_package_ships_the_published_page():
     """harness/web/index.html (package data) links to leaderboard/index.html (what the repository
     publishes), so there is one page; a wheel carries the file behind the link."""
     assert PAGE.is_file() and PAGE.resolve() == (REPO / "leaderboard" / "index.html").resolve()
+
+
+def test_attack_matrix_per_model(served: str, served_attacks: str, tmp_path: Path):
+    """With more than one attack the board gains an attack column and a matrix per model (attacks
+    down, defenses across); without attacks the matrix section stays hidden."""
+    page, dom = _dump(served_attacks, tmp_path)
+    assert len(page.rows) == 8 and 'data-attack="figstep"' in dom
+    assert re.search(r'<section id="matrix-section">', dom)  # shown: no `hidden` attribute
+    tables = re.findall(r'<table class="matrix" data-model="([^"]+)" data-column="([^"]+)">(.*?)</table>', dom, re.S)
+    assert [(m, c) for m, c, _ in tables] == [("model-a", ASR_KEY), ("model-b", ASR_KEY)]
+    body = tables[0][2]
+    rows = re.findall(r"<tr>(.*?)</tr>", body, re.S)
+    assert [re.search(r"<th>(.*?)</th>", r).group(1) for r in rows] == ["attack \\ defense", "none", "figstep"]
+    assert re.findall(r"<th>([^<]*)</th>", rows[0]) == ["attack \\ defense", "none", "adashield"]
+    values = [re.findall(r'<span class="v">([^<]*)</span>', r) for r in rows[1:]]
+    assert values == [["0.500", "0.200"], ["0.900", "0.600"]]
+    _, plain_dom = _dump(served, tmp_path)
+    assert '<section id="matrix-section" hidden="">' in plain_dom and 'class="matrix"' not in plain_dom

@@ -7,10 +7,13 @@ intervals ignores that and calls real differences noise; pairing per sample does
 safety tasks, `acc` for MME and ScienceQA) we report the mean difference B - A over shared
 sample ids with a paired bootstrap interval, and McNemar's test on the discordant pairs.
 
-Cells pair by (model, defense, task, judge) when both runs hold the same one; otherwise by
-(task, judge) when each side holds a single (model, defense) for it, which is the usual case of
-"defense A in one run, defense B in another". `--model-a/--defense-a` (and -b) select cells,
-so two defenses of one run compare as `realign compare RUN RUN --defense-a none --defense-b X`.
+Cells pair by (model, attack, defense, task, judge) when both runs hold the same one; otherwise
+by (task, judge) when each side holds a single (model, attack, defense) for it, which is the usual
+case of "defense A in one run, defense B in another". `--model-a/--attack-a/--defense-a` (and -b)
+select cells, so two defenses of one run compare as `realign compare RUN RUN --defense-a none
+--defense-b X`, and two attacks as `--attack-a none --attack-b figstep` (the same sample ids under
+two attacks: a paired comparison of how much the attack adds). Cells written before attacks
+existed are attack `none`.
 
 "B better" or "B worse" follows the direction the metric's record declares in results.json
 (harness.analysis.meanings); an outcome the record does not list (MME's per-question `acc`) takes
@@ -30,11 +33,11 @@ from harness.analysis.meanings import declared_meaning, fallback_meaning, task_m
 from harness.contracts.meaning import MetricMeaning
 from harness.contracts.task import Task
 from harness.registry import tasks
-from harness.schema import Verdict
+from harness.schema import Verdict, record_key
 from harness.stats import McNemar, mcnemar, paired_bootstrap_diff
 from harness.store import RunDir
 
-CellKey = tuple[str, str, str, "str | None"]  # model, defense, task, judge
+CellKey = tuple[str, str, str, str, "str | None"]  # model, attack, defense, task, judge
 
 
 @dataclass
@@ -45,10 +48,15 @@ class CellOutcomes:
     judge: str | None
     outcomes: dict[str, dict[str, float]]  # metric -> sample id -> outcome
     meanings: dict[str, MetricMeaning] = field(default_factory=dict)  # metric -> what it means
+    attack: str = "none"
 
     @property
     def key(self) -> CellKey:
-        return (self.model, self.defense, self.task, self.judge)
+        return (self.model, self.attack, self.defense, self.task, self.judge)
+
+    def side(self) -> dict[str, str]:
+        """Which run cell this is, as the comparison names it (the attack only when there is one)."""
+        return {"model": self.model, "defense": self.defense, **({"attack": self.attack} if self.attack != "none" else {})}
 
 
 @dataclass
@@ -58,7 +66,7 @@ class Comparison:
     task: str
     judge: str | None
     metric: str
-    a: dict[str, str]  # model, defense
+    a: dict[str, str]  # model, defense (and attack, when not none)
     b: dict[str, str]
     n_shared: int
     only_a: int
@@ -98,7 +106,7 @@ def _records(rundir: RunDir) -> dict[CellKey, dict[str, Any]]:
         records = rundir.read_results()
     except (OSError, ValueError, KeyError, TypeError):
         return {}  # meanings then come from the task; the outcomes themselves are read from the cells
-    return {(r["model"], r["defense"], r["task"], r["judge"]): r for r in records if isinstance(r, dict)}
+    return {record_key(r): r for r in records if isinstance(r, dict)}
 
 
 def outcome_meaning(record: dict[str, Any] | None, task: Task, name: str) -> MetricMeaning:
@@ -124,34 +132,49 @@ def cell_outcomes(run_dir: str | Path) -> list[CellOutcomes]:
             if judge is not None:
                 verdicts = {sid: Verdict.from_json(rec) for sid, rec in cell.verdicts(judge).items()}
             outcomes = task.per_sample(samples, generations, verdicts)
-            record = records.get((cell.model, cell.defense, cell.task, judge))
+            record = records.get((cell.model, cell.attack, cell.defense, cell.task, judge))
             try:
                 meanings = {name: outcome_meaning(record, task, name) for name in outcomes}
             except ValueError as exc:
                 raise RunDirError(f"{rundir.results_json}: {cell.task} | {judge or '-'}: {exc}") from None
-            out.append(CellOutcomes(cell.model, cell.defense, cell.task, judge, outcomes, meanings))
+            out.append(CellOutcomes(cell.model, cell.defense, cell.task, judge, outcomes, meanings, cell.attack))
     return out
 
 
-def _select(cells: list[CellOutcomes], model: str | None, defense: str | None, where: str) -> list[CellOutcomes]:
-    chosen = [c for c in cells if (model is None or c.model == model) and (defense is None or c.defense == defense)]
+def _select(cells: list[CellOutcomes], model: str | None, defense: str | None, where: str,
+            attack: str | None = None) -> list[CellOutcomes]:
+    chosen = [c for c in cells if (model is None or c.model == model) and (defense is None or c.defense == defense)
+              and (attack is None or c.attack == attack)]
     if not chosen:
-        have = sorted({(c.model, c.defense) for c in cells})
-        raise RunDirError(f"{where}: no cells with model={model!r} defense={defense!r}; it holds "
-                          + (", ".join(f"{m} | {d}" for m, d in have) or "no scored cells"))
+        have = sorted({(c.model, c.attack, c.defense) for c in cells})
+        raise RunDirError(f"{where}: no cells with model={model!r} attack={attack or 'any'!r} defense={defense!r}; "
+                          "it holds (model | attack | defense) "
+                          + (", ".join(f"{m} | {a} | {d}" for m, a, d in have) or "no scored cells"))
     return chosen
 
 
+#: The levels a comparison may differ in; task and judge always pair with themselves.
+SIDES = ("model", "attack", "defense")
+
+
 def pair_cells(a: list[CellOutcomes], b: list[CellOutcomes]) -> list[tuple[CellOutcomes, CellOutcomes]]:
-    """Same full key first; else one (model, defense) per (task, judge) on each side."""
+    """Same full key first. Else the levels whose values differ between the sides (e.g. the
+    defense, when A holds `none` and B `cmrm`) are what is compared, and cells pair on the levels
+    both sides share plus (task, judge), where each side holds exactly one cell: `--attack-a none
+    --attack-b figstep` on a run of three defenses pairs each defense with itself."""
     by_key_b = {c.key: c for c in b}
     same = [(c, by_key_b[c.key]) for c in a if c.key in by_key_b]
     if same:
         return same
+    shared = [level for level in SIDES if {getattr(c, level) for c in a} == {getattr(c, level) for c in b}]
+
+    def reduced(c: CellOutcomes) -> tuple[str, ...]:
+        return (*(getattr(c, level) for level in shared), c.task, c.judge or "")
+
     pairs = []
-    for tj in sorted({(c.task, c.judge or "") for c in a}):
-        side_a = [c for c in a if (c.task, c.judge or "") == tj]
-        side_b = [c for c in b if (c.task, c.judge or "") == tj]
+    for key in sorted({reduced(c) for c in a}):
+        side_a = [c for c in a if reduced(c) == key]
+        side_b = [c for c in b if reduced(c) == key]
         if len(side_a) == 1 and len(side_b) == 1:
             pairs.append((side_a[0], side_b[0]))
     return pairs
@@ -181,7 +204,7 @@ def compare_pair(ca: CellOutcomes, cb: CellOutcomes) -> list[Comparison]:
             notes.append(f"compared on {len(shared)} shared samples ({len(oa)} in A, {len(ob)} in B)")
         out.append(Comparison(
             task=ca.task, judge=ca.judge, metric=metric,
-            a={"model": ca.model, "defense": ca.defense}, b={"model": cb.model, "defense": cb.defense},
+            a=ca.side(), b=cb.side(),
             n_shared=len(shared), only_a=len(set(oa) - set(ob)), only_b=len(set(ob) - set(oa)),
             mean_a=sum(xa) / len(xa) if xa else None, mean_b=sum(xb) / len(xb) if xb else None,
             diff=diff.value if diff else None, low=diff.low if diff else None, high=diff.high if diff else None,
@@ -191,16 +214,17 @@ def compare_pair(ca: CellOutcomes, cb: CellOutcomes) -> list[Comparison]:
 
 
 def compare(dir_a: str | Path, dir_b: str | Path, model_a: str | None = None, defense_a: str | None = None,
-            model_b: str | None = None, defense_b: str | None = None) -> list[Comparison]:
+            model_b: str | None = None, defense_b: str | None = None,
+            attack_a: str | None = None, attack_b: str | None = None) -> list[Comparison]:
     """Paired comparisons of every cell the two runs share (after the optional selections)."""
-    a = _select(cell_outcomes(dir_a), model_a, defense_a, str(dir_a))
-    b = _select(cell_outcomes(dir_b), model_b, defense_b, str(dir_b))
+    a = _select(cell_outcomes(dir_a), model_a, defense_a, str(dir_a), attack_a)
+    b = _select(cell_outcomes(dir_b), model_b, defense_b, str(dir_b), attack_b)
     pairs = pair_cells(a, b)
     if not pairs:
         def names(cells: list[CellOutcomes]) -> str:
-            return ", ".join(sorted(f"{c.model} | {c.defense} | {c.task} | {c.judge or '-'}" for c in cells))
-        raise RunDirError(f"no cells to pair between {dir_a} ({names(a)}) and {dir_b} ({names(b)}); "
-                          "select one model/defense per side with --model-a/--defense-a/--model-b/--defense-b")
+            return ", ".join(sorted(" | ".join(x or "-" for x in c.key) for c in cells))
+        raise RunDirError(f"no cells to pair between {dir_a} ({names(a)}) and {dir_b} ({names(b)}); select one "
+                          "model/attack/defense per side with --model-a/--attack-a/--defense-a (and -b)")
     found = [c for ca, cb in pairs for c in compare_pair(ca, cb)]
     if not found:
         raise RunDirError(f"the paired cells ({', '.join(sorted({ca.task for ca, _ in pairs}))}) define no per-sample "
@@ -212,6 +236,10 @@ def _num(x: float | None, fmt: str = "{:+.3f}") -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
 
 
+def _side(side: dict[str, str]) -> str:
+    return " · ".join([side["model"], *([side["attack"]] if "attack" in side else []), side["defense"]])
+
+
 def format_text(comparisons: list[Comparison]) -> str:
     """A markdown table: one row per (task, judge, metric)."""
     head = ["task", "judge", "metric", "A", "B", "A mean", "B mean", "B - A [95% CI]", "n", "McNemar p", "reading"]
@@ -220,8 +248,8 @@ def format_text(comparisons: list[Comparison]) -> str:
     for c in comparisons:
         ci = f"{_num(c.diff)} [{_num(c.low)}, {_num(c.high)}]"
         p = "n/a" if c.mcnemar is None else f"{c.mcnemar.p_value:.4g} ({c.mcnemar.method}, {c.mcnemar.b}/{c.mcnemar.c})"
-        rows.append([c.task, c.judge or "-", c.metric, f"{c.a['model']} · {c.a['defense']}",
-                     f"{c.b['model']} · {c.b['defense']}", _num(c.mean_a, "{:.3f}"), _num(c.mean_b, "{:.3f}"),
+        rows.append([c.task, c.judge or "-", c.metric, _side(c.a), _side(c.b),
+                     _num(c.mean_a, "{:.3f}"), _num(c.mean_b, "{:.3f}"),
                      ci, str(c.n_shared), p, c.verdict()])
         notes += [f"{c.task} {c.metric}: {n}" for n in c.notes]
     table = "\n".join("| " + " | ".join(x.replace("|", "\\|") for x in r) + " |" for r in rows)

@@ -3,7 +3,8 @@
 The baseline is a results.json or a published leaderboard.json; the run is a run directory.
 Every headline safety metric (ASR, or refusal share where higher is better) and every headline
 utility metric (accuracy, MME points, over-refusal of benign requests) of the baseline is
-looked up in the run under the same (model, defense, task, judge). What a metric is (safety or
+looked up in the run under the same (model, attack, defense, task, judge); records and
+leaderboard entries written before attacks existed are attack `none`. What a metric is (safety or
 utility, which direction is better, its scale, headline or detail) is what its record declares
 (harness.analysis.meanings; the fallback name table for records written before), so a plugin
 task's headline metrics are gated like the built-in ones. Thresholds are in percentage points of
@@ -30,10 +31,10 @@ from harness.analysis.leaderboard import check_records, clean_metric, identity_h
 from harness.analysis.leaderboard_schema import SCHEMA_VERSION, LeaderboardError, validate
 from harness.analysis.meanings import column_meaning, declared_meaning, meaning_of
 from harness.contracts.meaning import MetricMeaning
-from harness.schema import MetricValue
+from harness.schema import MetricValue, record_key
 from harness.stats import difference_interval
 
-ObsKey = tuple[str, str, str, "str | None", str]  # model, defense, task, judge spec, metric
+ObsKey = tuple[str, str, str, str, "str | None", str]  # model, attack, defense, task, judge spec, metric
 Rule = Literal["point", "interval"]
 
 
@@ -68,7 +69,7 @@ def observations_from_records(records: list[dict[str, Any]]) -> dict[ObsKey, Obs
             meaning = meaning_of(rec, name)
             if meaning.kind == "diagnostic":
                 continue  # counts are never gated
-            out[(rec["model"], rec["defense"], rec["task"], rec["judge"], name)] = Observation(
+            out[(*record_key(rec), name)] = Observation(
                 _metric(m), meaning, identity_hash(judge_ident) if rec["judge"] else None,
                 declared_meaning(rec, name) is not None)
     return out
@@ -89,7 +90,8 @@ def observations_from_leaderboard(doc: dict[str, Any]) -> dict[ObsKey, Observati
                 meaning = column_meaning(col)
             except ValueError as exc:
                 raise LeaderboardError(f"column {key!r}: {exc}") from None
-            out[(entry["model"], entry["defense"], col["task"], judge["spec"] if judge else None, col["metric"])] = \
+            out[(entry["model"], entry.get("attack") or "none", entry["defense"], col["task"],
+                 judge["spec"] if judge else None, col["metric"])] = \
                 Observation(_metric(m), meaning, identity_hash(judge["identity"]) if judge else None)
     return out
 
@@ -138,8 +140,9 @@ class Check:
         return self.status != "ok"
 
     def describe(self) -> str:
-        model, defense, task, judge, metric = self.key
-        where = f"{task} | {judge or '-'} | {metric}  [{model} | {defense}]"
+        model, attack, defense, task, judge, metric = self.key
+        under = "" if attack == "none" else f"{attack} | "
+        where = f"{task} | {judge or '-'} | {metric}  [{model} | {under}{defense}]"
         if self.status == "missing":
             return f"{where}: in the baseline but not in the run"
         if self.status == "judge changed":

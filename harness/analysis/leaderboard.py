@@ -1,6 +1,6 @@
 """`realign leaderboard`: merge the results of run directories into one leaderboard.json.
 
-One entry per (model, defense spec); one column per (task, judge, metric). The judge is part of
+One entry per (model, attack, defense spec); one column per (task, judge, metric). The judge is part of
 the column key because safety numbers are only comparable under the same judge: two judges never
 share a column, and one judge spec that resolves to two different judge identities (another
 phrase list, another template) gets two keys (`spec@hash`) instead of being merged silently.
@@ -8,6 +8,10 @@ phrase list, another template) gets two keys (`spec@hash`) instead of being merg
 The file is a pure function of its inputs: everything is sorted, the only dates are those the
 runs recorded, no paths of the inputs are written, so the same run directories always give the
 same bytes (a published leaderboard can be rebuilt and diffed).
+
+Attacks: an entry names its attack when some record of the inputs was made under one (schema
+1.1); inputs all under attack `none` (or written before attacks existed) give exactly the 1.0
+document they always gave, so published boards rebuild unchanged and 1.0 readers still read them.
 """
 
 from __future__ import annotations
@@ -22,9 +26,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import harness
-from harness.analysis.leaderboard_schema import SCHEMA_VERSION, LeaderboardError, validate
+from harness.analysis.leaderboard_schema import ATTACK_SCHEMA_VERSION, SCHEMA_VERSION, LeaderboardError, validate
 from harness.analysis.meanings import check_meanings, column_fields, declared_meaning, in_columns, meaning_of
-from harness.schema import dumps
+from harness.schema import dumps, record_attack, record_key
 
 KIND_ORDER = {"safety": 0, "utility": 1, "other": 2}
 #: Identity fields that describe a session (cost, usage), not the judge: ignored when comparing.
@@ -192,26 +196,27 @@ def build(runs: Iterable[RunResults], note: str | None = None) -> dict[str, Any]
     disagree are an error."""
     runs = list(runs)
     judge_keys, judges = _judge_keys(runs)
-    seen: dict[tuple[str, str, str, str | None], Path] = {}
-    entries: dict[tuple[str, str], dict[str, Any]] = {}
+    seen: dict[tuple[str, str, str, str, str | None], Path] = {}
+    entries: dict[tuple[str, str, str], dict[str, Any]] = {}
+    attacked = any(record_attack(rec) != "none" for run in runs for rec in run.records)
     columns: dict[str, dict[str, Any]] = {}
     column_source: dict[str, tuple[Path, bool]] = {}  # where a column's meaning came from, declared or not
     for run in runs:
         prov = provenance(run.info)
         for rec in run.records:
-            cell_key = (rec["model"], rec["defense"], rec["task"], rec["judge"])
+            cell_key = record_key(rec)
             if cell_key in seen:
                 raise LeaderboardError(
-                    f"{run.source}: model {rec['model']!r}, defense {rec['defense']!r}, task {rec['task']!r}, judge "
-                    f"{rec['judge']!r} is also in {seen[cell_key]}; pass only one run of each cell")
+                    f"{run.source}: model {rec['model']!r}, attack {record_attack(rec)!r}, defense {rec['defense']!r}, "
+                    f"task {rec['task']!r}, judge {rec['judge']!r} is also in {seen[cell_key]}; pass only one run of each cell")
             seen[cell_key] = run.source
             identity = rec.get("identity") or {}
             judge = None
             if rec["judge"] is not None:
                 ident = stable_identity(identity.get("judge")) or {"spec": rec["judge"]}
                 judge = judge_keys[(rec["judge"], identity_hash(ident))]
-            entry = entries.setdefault((rec["model"], rec["defense"]), {
-                "model": rec["model"], "defense": rec["defense"],
+            entry = entries.setdefault((rec["model"], record_attack(rec), rec["defense"]), {
+                "model": rec["model"], "defense": rec["defense"], **({"attack": record_attack(rec)} if attacked else {}),
                 "defense_identity": identity.get("defense"), "metrics": {}, "cells": [],
             })
             entry["cells"].append({
@@ -249,7 +254,7 @@ def build(runs: Iterable[RunResults], note: str | None = None) -> dict[str, Any]
     for entry in entries.values():
         entry["cells"].sort(key=lambda c: (c["task"], c["judge"] or ""))
     doc = {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": ATTACK_SCHEMA_VERSION if attacked else SCHEMA_VERSION,
         "note": note,
         "columns": sorted(columns.values(), key=lambda c: (
             KIND_ORDER[c["kind"]], not c["headline"], c["task"], c["judge"] or "", c["metric"])),
@@ -312,5 +317,6 @@ def leaderboard(run_dirs: list[str | Path], out: str | Path, note: str | None = 
 
 def summary(doc: dict[str, Any]) -> str:
     heads = [c for c in doc["columns"] if c["headline"] and c["kind"] != "other"]
-    return (f"{len(doc['entries'])} entries (model x defense), {len(heads)} headline columns, "
+    kind = "model x attack x defense" if any("attack" in e for e in doc["entries"]) else "model x defense"
+    return (f"{len(doc['entries'])} entries ({kind}), {len(heads)} headline columns, "
             f"judges: {', '.join(sorted(doc['judges'])) or '(none)'}")

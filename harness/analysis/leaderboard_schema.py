@@ -14,6 +14,11 @@ from typing import Any
 from harness.errors import RealignError
 
 SCHEMA_VERSION = "1.0"
+#: 1.1 = 1.0 plus an optional `attack` on entries, written only when some entry has an attack other
+#: than `none`; a 1.1 reader reads 1.0 documents (entries without `attack` are attack `none`), and
+#: a 1.0 reader refuses a 1.1 document by its version rather than misread it.
+ATTACK_SCHEMA_VERSION = "1.1"
+SUPPORTED_VERSIONS = (SCHEMA_VERSION, ATTACK_SCHEMA_VERSION)
 SCHEMA_ID = "https://github.com/realign/realign/leaderboard/schema.json"
 
 _NUM = {"type": ["number", "null"]}
@@ -72,6 +77,8 @@ ENTRY = {
     "additionalProperties": False,
     "properties": {
         "model": {"type": "string", "minLength": 1},
+        "attack": {"type": "string", "minLength": 1,
+                   "description": "attack spec (schema 1.1); absent: none, the tasks' samples as released"},
         "defense": {"type": "string", "minLength": 1},
         "defense_identity": _IDENTITY,
         "metrics": {"type": "object", "additionalProperties": METRIC, "description": "column key -> metric"},
@@ -90,12 +97,12 @@ SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "$id": SCHEMA_ID,
     "title": "realign leaderboard",
-    "description": "One entry per (model, defense spec); columns per (task, judge, metric).",
+    "description": "One entry per (model, attack, defense spec); columns per (task, judge, metric).",
     "type": "object",
     "required": ["schema_version", "note", "columns", "judges", "entries"],
     "additionalProperties": False,
     "properties": {
-        "schema_version": {"const": SCHEMA_VERSION},
+        "schema_version": {"enum": list(SUPPORTED_VERSIONS)},
         "note": {**_STR, "description": "free text shown above the table (e.g. 'demo data')"},
         "columns": {"type": "array", "items": COLUMN},
         "judges": {"type": "object", "additionalProperties": JUDGE,
@@ -118,9 +125,9 @@ def validate(doc: Any, where: str | Path = "leaderboard") -> None:
     """Raise LeaderboardError naming `where` and the first offending path if `doc` is invalid."""
     import jsonschema
 
-    if isinstance(doc, dict) and "schema_version" in doc and doc["schema_version"] != SCHEMA_VERSION:
+    if isinstance(doc, dict) and "schema_version" in doc and doc["schema_version"] not in SUPPORTED_VERSIONS:
         raise LeaderboardError(f"{where}: schema_version {doc['schema_version']!r} is not supported "
-                               f"(this realign reads {SCHEMA_VERSION!r})")
+                               f"(this realign reads {' and '.join(map(repr, SUPPORTED_VERSIONS))})")
     validator = jsonschema.Draft202012Validator(SCHEMA)
     errors = sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
     if errors:

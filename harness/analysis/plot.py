@@ -56,7 +56,8 @@ def points(doc: dict[str, Any], cx: dict[str, Any], cy: dict[str, Any]) -> list[
             high = m["high"] if m["high"] is not None else m["value"]
             return (m["value"] - low, high - m["value"])
 
-        out.append(Point(e["defense"], e["model"], mx["value"], my["value"], err(mx), err(my)))
+        label = e["defense"] if e.get("attack", "none") == "none" else f"{e['defense']} vs {e['attack']}"
+        out.append(Point(label, e["model"], mx["value"], my["value"], err(mx), err(my)))
     return out
 
 

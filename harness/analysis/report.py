@@ -18,7 +18,7 @@ def _number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _fmt(metric: Any) -> str:
+def fmt_metric(metric: Any) -> str:
     """A metric as `value [low, high]`; something that is not a number is shown as `?`, never a
     crash (the CLI refuses such a results.json before rendering; the Python API may not)."""
     metric = metric if isinstance(metric, dict) else {"value": metric}
@@ -58,18 +58,25 @@ def headline_keys(records: list[dict[str, Any]], detail: bool) -> list[str]:
     return keys
 
 
+def _attack(rec: dict[str, Any]) -> str:
+    return str(rec.get("attack") or "none")  # records written before attacks existed: the task as released
+
+
 def markdown_table(records: list[dict[str, Any]], detail: bool = False) -> str:
-    """One row per (model, defense, task, judge); metrics with their 95% bootstrap intervals."""
+    """One row per (model, [attack,] defense, task, judge); metrics with their 95% bootstrap
+    intervals. The attack column appears when some record was made under an attack."""
     keys = headline_keys(records, detail)
-    head = ["model", "defense", "task", "judge", "n", *keys, "gen err", "judge err"]
+    attacked = any(isinstance(r, dict) and _attack(r) != "none" for r in records)
+    head = ["model", *(["attack"] if attacked else []), "defense", "task", "judge", "n", *keys, "gen err", "judge err"]
     rows = [head, ["---"] * len(head)]
     for rec in records:
         rec = rec if isinstance(rec, dict) else {}
         metrics = _metrics(rec)
         rows.append([
-            *[str(rec.get(k, "?")) for k in ("model", "defense", "task")],
+            str(rec.get("model", "?")), *([_attack(rec)] if attacked else []),
+            *[str(rec.get(k, "?")) for k in ("defense", "task")],
             str(rec.get("judge") or "-"), str(rec.get("n", "?")),
-            *[_fmt(metrics[k]) if k in metrics else "" for k in keys],
+            *[fmt_metric(metrics[k]) if k in metrics else "" for k in keys],
             str(rec.get("generation_errors", 0)), str(rec.get("judge_errors", 0)),
         ])
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
