@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detail", action="store_true", help="also per-category metrics")
     p.add_argument("--plot", metavar="FILE.png", help="also write a safety vs utility scatter per defense "
                    "(with --matrix: the attack x defense heatmap)")
+    p.add_argument("--x", metavar="COLUMN", help="--plot: x axis column (key or metric name; default: the headline "
+                   "safety metric with an image)")
+    p.add_argument("--y", metavar="COLUMN", help="--plot: y axis column (default: the headline utility metric)")
     p.add_argument("--matrix", action="store_true", help="attack x defense tables of the headline safety metric, "
                    "one per (model, task, judge); also written as JSON (DIR/matrix.json unless --json)")
     p.add_argument("--json", metavar="FILE.json", help="with --matrix: write the matrix JSON here instead")
@@ -212,7 +215,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.plot:
         from harness.analysis.plot import plot_run
 
-        print(f"wrote {plot_run(args.dir, args.plot)}", file=sys.stderr)
+        print(f"wrote {plot_run(args.dir, args.plot, args.x, args.y)}", file=sys.stderr)
     return 0
 
 

@@ -33,6 +33,7 @@ DEMO_DEFENSES: tuple[tuple[str, str], ...] = (
     ("AdaShield-S", "adashield"),
     ("ECSO", "ecso"),
 )
+DPI = 110
 COLUMNS = (("refused_none", "refused, text only"), ("refused_shape", "refused, with image"),
            ("helpful_shape", "benign answered, with image"), ("picture_qa", "picture questions right"))
 
@@ -99,8 +100,43 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def draw_defenses(rows: list[dict[str, Any]]) -> Any:
+    """Grouped bars per defense (refusal as text and with an image, benign answers with an image,
+    picture questions), each with its 95% interval; a dot marks every value, so a zero reads as a
+    measured zero on the baseline rather than as a missing bar. Returns the Figure (layout final)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from harness.analysis.plot_text import wrap
+
+    names = [wrap(r["defense"], 16) for r in rows]
+    fig, ax = plt.subplots(figsize=(max(9.0, 1.1 * len(rows) + 2.5), 5.0), dpi=DPI, layout="constrained")
+    width = 0.8 / len(COLUMNS)
+    colours = plt.get_cmap("tab10")
+    for k, (key, label) in enumerate(COLUMNS):
+        xs = [i + (k - (len(COLUMNS) - 1) / 2) * width for i in range(len(rows))]
+        ms = [r[key] or {"value": 0.0, "low": None, "high": None} for r in rows]
+        values = [m["value"] for m in ms]
+        low = [m["value"] - (m["low"] if m["low"] is not None else m["value"]) for m in ms]
+        high = [(m["high"] if m["high"] is not None else m["value"]) - m["value"] for m in ms]
+        ax.bar(xs, values, width * 0.92, label=label, color=colours(k), alpha=0.85)
+        ax.errorbar(xs, values, yerr=[low, high], fmt="o", markersize=3.5, color="black", ecolor="black",
+                    elinewidth=0.9, capsize=2, zorder=3, clip_on=False)
+    ax.axhline(0.0, color="#444444", linewidth=0.8, zorder=2)
+    ax.set_xticks(range(len(rows)), names, fontsize=8)
+    ax.set_ylim(-0.04, 1.06)
+    ax.set_ylabel("rate (dots: value, whiskers: 95% interval)", fontsize=9)
+    ax.tick_params(axis="y", labelsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.set_title(f"model organism ({DEMO_ORGANISM}): refusal with an image, per defense", fontsize=10)
+    fig.legend(loc="outside lower center", ncol=len(COLUMNS), fontsize=8, frameon=False)
+    return fig
+
+
 def plot_defenses(rows: list[dict[str, Any]], path: Path) -> Path | None:
-    """Grouped bars: refusal with an image and benign helpfulness with an image, per defense."""
+    """Write draw_defenses' chart to `path` (PNG); None without matplotlib."""
     try:
         import matplotlib
 
@@ -108,22 +144,9 @@ def plot_defenses(rows: list[dict[str, Any]], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    names = [r["defense"] for r in rows]
-    keys = [("refused_none", "refused, text only"), ("refused_shape", "refused, with image"),
-            ("helpful_shape", "benign answered, with image"), ("picture_qa", "picture questions right")]
-    fig, ax = plt.subplots(figsize=(9, 4.2))
-    width = 0.8 / len(keys)
-    for k, (key, label) in enumerate(keys):
-        xs = [i + (k - (len(keys) - 1) / 2) * width for i in range(len(rows))]
-        ax.bar(xs, [(r[key] or {"value": 0})["value"] for r in rows], width, label=label)
-    ax.set_xticks(range(len(rows)), names, fontsize=8)
-    ax.set_ylim(0, 1.0)
-    ax.set_ylabel("rate")
-    ax.set_title(f"model organism ({DEMO_ORGANISM}): refusal with an image, per defense", fontsize=10)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=4, frameon=False)
-    fig.tight_layout()
+    fig = draw_defenses(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
 

@@ -80,8 +80,10 @@ class DemoTask(Task):
     #: image mode costs utility, and those are headlines because there is no overall one.
     meanings = {
         "asr": rate("safety", "lower"),
-        "asr/*": rate("safety", "lower", headline=False),
-        "benign_refusal/*": rate("utility", "lower"),
+        "asr/none": rate("safety", "lower", headline=False, image=False),
+        "asr/*": rate("safety", "lower", headline=False, image=True),
+        "benign_refusal/none": rate("utility", "lower", image=False),
+        "benign_refusal/*": rate("utility", "lower", image=True),
     }
 
     def samples(self) -> Iterator[Sample]:

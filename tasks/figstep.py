@@ -208,7 +208,7 @@ class FigStep(Task):
         cache_dir: str | None = None
 
     #: Attack success: lower is safer; per-category rates are detail. (judge_errors: harness.contracts.meaning.COMMON)
-    meanings = {"asr": rate("safety", "lower"), "asr/*": rate("safety", "lower", headline=False)}
+    meanings = {"asr": rate("safety", "lower", image=True), "asr/*": rate("safety", "lower", headline=False, image=True)}
 
     def __init__(self, params: Params) -> None:
         super().__init__(params)

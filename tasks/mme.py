@@ -230,12 +230,12 @@ class MME(Task):
     #: perception / cognition totals are the headlines, their scale set by `metric_meanings`.
     #: `acc` is the per-question outcome `realign compare` pairs on (per_sample), not a metric.
     meanings = {
-        "acc": rate("utility", "higher"),
-        "acc/*": rate("utility", "higher", headline=False),
-        "acc_plus/*": rate("utility", "higher", headline=False),
-        "score/*": points("utility", "higher", SUBTASK_POINTS, headline=False),
-        "perception": points("utility", "higher", SUBTASK_POINTS * len(PERCEPTION)),
-        "cognition": points("utility", "higher", SUBTASK_POINTS * len(COGNITION)),
+        "acc": rate("utility", "higher", image=True),
+        "acc/*": rate("utility", "higher", headline=False, image=True),
+        "acc_plus/*": rate("utility", "higher", headline=False, image=True),
+        "score/*": points("utility", "higher", SUBTASK_POINTS, headline=False, image=True),
+        "perception": points("utility", "higher", SUBTASK_POINTS * len(PERCEPTION), image=True),
+        "cognition": points("utility", "higher", SUBTASK_POINTS * len(COGNITION), image=True),
         "unparseable": COUNT,
     }
 
@@ -288,7 +288,7 @@ class MME(Task):
         for group, members in GROUPS.items():
             if group in out:
                 present = sum(1 for s in members if f"score/{s}" in metrics)
-                out[group] = points("utility", "higher", SUBTASK_POINTS * max(present, 1))
+                out[group] = points("utility", "higher", SUBTASK_POINTS * max(present, 1), image=True)
         return out
 
     def per_sample(

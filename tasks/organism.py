@@ -21,18 +21,20 @@ can carry only one key.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Literal
+from typing import Literal
 
-from organism import data, skills
+from harness.contracts.meaning import rate
+from harness.contracts.task import Task
 from harness.registry import task
 from harness.schema import Generation, MetricValue, Sample, Verdict
 from harness.stats import bootstrap_mean
+from organism import data, skills
 from tasks.organism_skills import SKILL_KINDS, skill_outcomes, skill_samples
-from harness.contracts.meaning import rate
-from harness.contracts.task import Task
 
 ImageMode = Literal["none", "shape", "blank"]
+IMAGE_MODES: tuple[str, ...] = ("none", "shape", "blank")
 Kind = Literal["harmful", "benign", "picture", "instructed", "selfcheck", "guard", "described", "caption"]
 Split = Literal["test", "calibration", "calibration_harmful", "calibration_benign",
                 "calibration_harmful_shape", "calibration_benign_shape"]
@@ -68,12 +70,17 @@ class OrganismTask(Task):
 
     #: Refusing harmful requests is safety (higher is better; per exposure group: detail);
     #: helpful answers and picture questions are utility. Patterns match in order.
+    #: The picture mode a name ends in says whether it was measured with an image (`_none`: text only).
     meanings = {
+        **{f"refused_*/{m}": rate("safety", "higher", headline=False, image=m != "none") for m in IMAGE_MODES},
         "refused_*/*": rate("safety", "higher", headline=False),
+        **{f"{p}*{m}": rate(kind, "higher", image=m != "none")
+           for p, kind in (("refused_", "safety"), ("helpful_", "utility")) for m in IMAGE_MODES},
         "refused_*": rate("safety", "higher"),
         "helpful_*": rate("utility", "higher"),
-        "picture_qa": rate("utility", "higher"),
+        "picture_qa": rate("utility", "higher", image=True),
         # Generation 2's skills (held-out wordings): what a defense built on a skill can use, and lose.
+        **{f"{p}_acc_{m}": rate("utility", "higher", image=m != "none") for p in ("selfcheck", "guard") for m in IMAGE_MODES},
         "selfcheck_acc_*": rate("utility", "higher"),
         "guard_acc_*": rate("utility", "higher"),
         "caption_qa": rate("utility", "higher"),

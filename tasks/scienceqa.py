@@ -185,7 +185,7 @@ class ScienceQA(Task):
     meanings = {
         "acc": rate("utility", "higher"),
         "acc/*": rate("utility", "higher", headline=False),
-        "acc_img": rate("utility", "higher"),
+        "acc_img": rate("utility", "higher", image=True),
         "failed_extractions": COUNT,
     }
 

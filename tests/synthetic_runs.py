@@ -7,8 +7,9 @@ Building them through the runner would load a model per test; these files have t
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from harness.schema import Sample
 from harness.store import RunDir
@@ -88,3 +89,34 @@ def scienceqa_samples(count: int) -> list[Sample]:
     return [Sample(id=f"scienceqa/IMG/test/{i}", text=f"q{i}\nA. yes\nB. no", category="natural science",
                    meta={"answer": 0, "answer_letter": "A", "n_choices": 2, "subject": "NAT", "grade": "grade3",
                          "has_text": False, "has_image": True, "config": "IMG"}) for i in range(count)]
+
+
+#: Defense specs as long as real ones, for figures that must stay legible with many of them.
+LONG_DEFENSES = ("none", "cmrm:calibration=organism:split=calibration", "cmrm:level=sample",
+                 "shiftdc:calibration_unsafe=organism:split=calibration_harmful_shape,"
+                 "calibration_safe=organism:split=calibration_benign_shape",
+                 "adashield", "ecso", "hiddendetect:fpr=0.05", "jailguard:variants=8,threshold=0.02",
+                 "guard:where=both,model=meta-llama/Llama-Guard-3-11B-Vision", "protector", "qguard:fpr=0.05",
+                 "coca:alpha=1.0", "eta:best_of=4", "refusal_dir:mode=ablate,layer=auto", "adashield:placement=append")
+
+
+def organism_records(defenses: Iterable[str], model: str = "organisms/seed0", seed: int = 0) -> list[dict[str, Any]]:
+    """Organism-task records (metrics with intervals and the task's declared meanings) for each
+    defense: refusal and helpfulness as text and with a picture, picture questions; some exact zeros."""
+    import random
+
+    from harness.registry import tasks
+
+    task = "organism:templates=1,images=none+shape"
+    rng = random.Random(seed)
+    out = []
+    for i, defense in enumerate(defenses):
+        values = {"refused_none": 1.0, "refused_shape": 0.0 if i % 5 == 0 else round(rng.uniform(0.03, 0.9), 3),
+                  "helpful_none": round(rng.uniform(0.85, 1.0), 3), "helpful_shape": 0.0 if i == 4 else round(rng.uniform(0.5, 1.0), 3),
+                  "picture_qa": round(rng.uniform(0.0, 0.7), 3)}
+        metrics = {k: metric(v, max(v - 0.12, 0.0), min(v + 0.12, 1.0), 30) for k, v in values.items()}
+        rec = record(model, defense, task, "keywords:preset=organism", metrics, n=196,
+                     judge_identity={"spec": "keywords:preset=organism", "preset": "organism"})
+        rec["meanings"] = {k: m.to_json() for k, m in tasks.build(task).metric_meanings(metrics).items()}
+        out.append(rec)
+    return out

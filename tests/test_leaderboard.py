@@ -41,7 +41,7 @@ def test_schema_file_is_the_package_schema():
     'from harness.analysis.leaderboard_schema import schema_text; print(schema_text(), end="")' > leaderboard/schema.json)."""
     assert (REPO / "leaderboard" / "schema.json").read_text(encoding="utf-8") == schema_text()
     jsonschema.Draft202012Validator.check_schema(SCHEMA)
-    assert SCHEMA["properties"]["schema_version"]["enum"] == ["1.0", "1.1"]  # 1.1: entries may name an attack
+    assert SCHEMA["properties"]["schema_version"]["enum"] == ["1.0", "1.1", "1.2"]  # 1.1: attacks; 1.2: column image
 
 
 def test_leaderboard_is_valid_and_carries_provenance(tmp_path):

@@ -78,6 +78,17 @@ def test_built_in_task_declares_what_the_fallback_said(name: str, built_in_specs
     assert any(m.headline and m.ranked for m in declared.values())
 
 
+@pytest.mark.parametrize("name", ["demo", "organism", "figstep", "mme", "scienceqa"])
+def test_image_is_declared_where_the_name_says_it(name: str, built_in_specs: dict[str, str]):
+    """`image` (measured with a picture or not) picks what plots draw; where a metric's name says it
+    (`_shape`, `/none`, MME's scores) the task's declaration agrees, so old and new records plot alike."""
+    metrics = _scored(built_in_specs[name])
+    declared = tasks.build(built_in_specs[name]).metric_meanings(metrics)
+    said = {n: fallback_meaning(n, metrics).image for n in metrics}
+    assert {n: declared[n].image for n in metrics if said[n] is not None} == {n: v for n, v in said.items() if v is not None}
+    assert any(m.image for m in declared.values() if m.headline and m.ranked), "a headline metric with an image"
+
+
 def test_task_specific_metric_names(built_in_specs: dict[str, str]):
     """Names each task's breakdowns take, checked where the agreement test above found them."""
     demo = tasks.build("demo").metric_meanings(_scored("demo"))

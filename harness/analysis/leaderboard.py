@@ -12,6 +12,7 @@ same bytes (a published leaderboard can be rebuilt and diffed).
 Attacks: an entry names its attack when some record of the inputs was made under one (schema
 1.1); inputs all under attack `none` (or written before attacks existed) give exactly the 1.0
 document they always gave, so published boards rebuild unchanged and 1.0 readers still read them.
+A column says whether its metric was measured with an image when its task declares it (schema 1.2).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import harness
-from harness.analysis.leaderboard_schema import ATTACK_SCHEMA_VERSION, SCHEMA_VERSION, LeaderboardError, validate
+from harness.analysis.leaderboard_schema import (ATTACK_SCHEMA_VERSION, IMAGE_SCHEMA_VERSION, SCHEMA_VERSION,
+                                                 LeaderboardError, validate)
 from harness.analysis.meanings import check_meanings, column_fields, declared_meaning, in_columns, meaning_of
 from harness.schema import dumps, record_attack, record_key
 
@@ -250,11 +252,14 @@ def build(runs: Iterable[RunResults], note: str | None = None) -> dict[str, Any]
                     if declared:  # a task's declaration outranks the name table's guess for older records
                         col.update(column_fields(meaning))
                         column_source[key] = (run.source, True)
+                if "image" not in col and meaning.image is not None:
+                    col["image"] = meaning.image
                 col["scale"] = scale
     for entry in entries.values():
         entry["cells"].sort(key=lambda c: (c["task"], c["judge"] or ""))
+    imaged = any("image" in c for c in columns.values())
     doc = {
-        "schema_version": ATTACK_SCHEMA_VERSION if attacked else SCHEMA_VERSION,
+        "schema_version": IMAGE_SCHEMA_VERSION if imaged else ATTACK_SCHEMA_VERSION if attacked else SCHEMA_VERSION,
         "note": note,
         "columns": sorted(columns.values(), key=lambda c: (
             KIND_ORDER[c["kind"]], not c["headline"], c["task"], c["judge"] or "", c["metric"])),

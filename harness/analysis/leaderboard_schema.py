@@ -18,7 +18,10 @@ SCHEMA_VERSION = "1.0"
 #: than `none`; a 1.1 reader reads 1.0 documents (entries without `attack` are attack `none`), and
 #: a 1.0 reader refuses a 1.1 document by its version rather than misread it.
 ATTACK_SCHEMA_VERSION = "1.1"
-SUPPORTED_VERSIONS = (SCHEMA_VERSION, ATTACK_SCHEMA_VERSION)
+#: 1.2 = 1.1 plus an optional `image` on columns (whether the metric was measured with an image, as
+#: its task declares), written only when some column says it; the page draws those by default.
+IMAGE_SCHEMA_VERSION = "1.2"
+SUPPORTED_VERSIONS = (SCHEMA_VERSION, ATTACK_SCHEMA_VERSION, IMAGE_SCHEMA_VERSION)
 SCHEMA_ID = "https://github.com/realign/realign/leaderboard/schema.json"
 
 _NUM = {"type": ["number", "null"]}
@@ -46,6 +49,8 @@ COLUMN = {
         "better": {"enum": ["lower", "higher", None]},
         "headline": {"type": "boolean"},
         "scale": {"type": "number", "exclusiveMinimum": 0, "description": "value of a perfect score"},
+        "image": {"type": "boolean", "description": "schema 1.2: measured with an image (true) or on text "
+                  "alone (false), as the task declares; absent: a mix, or not said"},
     },
 }
 

@@ -11,32 +11,16 @@ rather than cut. matplotlib runs on its Agg backend: no display needed.
 from __future__ import annotations
 
 import math
-import re
 import textwrap
 from pathlib import Path
+from typing import Any
 
 from harness.analysis.matrix import MatrixTable
+from harness.analysis.plot_text import wrap
 from harness.errors import RealignError
 
 LABEL_WIDTH = 16  # characters per line of a row or column label
 TITLE_WIDTH = 70
-
-
-def wrap(text: str, width: int = LABEL_WIDTH) -> str:
-    """Break a spec after its separators (`:`, `,`, `+`, `/`) into lines of at most `width`
-    characters (a trailing separator may overhang by one); a part longer than that is cut."""
-    lines: list[str] = []
-    current = ""
-    for part in re.findall(r"[^,:+/]*[,:+/]|[^,:+/]+$", text):
-        body, sep = (part[:-1], part[-1]) if part[-1] in ",:+/" else (part, "")
-        chunks = [body[i : i + width] for i in range(0, len(body), width)] or [""]
-        chunks[-1] += sep
-        for chunk in chunks:
-            if current and len(current) + len(chunk.rstrip(",:+/")) > width:
-                lines.append(current)
-                current = ""
-            current += chunk
-    return "\n".join([*lines, current]) if current or lines else text
 
 
 def _value(cell: dict | None) -> float:
@@ -55,8 +39,8 @@ def _annotation(cell: dict | None, scale: float) -> str:
     return text
 
 
-def plot_matrix(tables: list[MatrixTable], out: str | Path) -> Path:
-    """Write the heatmaps of `tables` to `out` (PNG); returns the path."""
+def draw_matrix(tables: list[MatrixTable]) -> Any:
+    """The heatmaps of `tables` as a matplotlib Figure (the caller saves or closes it)."""
     if not tables:
         raise RealignError("no headline safety metric in these results: no attack x defense matrix to plot")
     import matplotlib
@@ -91,6 +75,14 @@ def plot_matrix(tables: list[MatrixTable], out: str | Path) -> Path:
         ax.set_title(textwrap.fill(title, TITLE_WIDTH), fontsize=9, pad=12)
         fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02).ax.tick_params(labelsize=7)
     fig.tight_layout()
+    return fig
+
+
+def plot_matrix(tables: list[MatrixTable], out: str | Path) -> Path:
+    """Write the heatmaps of `tables` to `out` (PNG); returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig = draw_matrix(tables)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

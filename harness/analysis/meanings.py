@@ -87,9 +87,11 @@ def column_meaning(column: Mapping[str, Any]) -> MetricMeaning:
     better direction)."""
     scale = float(column["scale"])
     return MetricMeaning(column["kind"], column["better"], "rate" if scale == 1.0 else "points", scale,
-                         bool(column["headline"]))
+                         bool(column["headline"]), column.get("image"))
 
 
 def column_fields(meaning: MetricMeaning) -> dict[str, Any]:
-    """The meaning as a leaderboard column states it (the published schema's fields)."""
-    return {"kind": meaning.kind, "better": meaning.better, "headline": meaning.headline, "scale": meaning.scale}
+    """The meaning as a leaderboard column states it (the published schema's fields); `image` only
+    when said (schema 1.2), so a board whose metrics say nothing about images is written as before."""
+    image = {} if meaning.image is None else {"image": meaning.image}
+    return {"kind": meaning.kind, "better": meaning.better, "headline": meaning.headline, "scale": meaning.scale, **image}

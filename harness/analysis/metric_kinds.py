@@ -6,7 +6,8 @@ carries that declaration (`record["meanings"]`); analysis reads it from there
 results.json may lack some: for those, and only those, this table of name patterns says what the
 built-in tasks' metrics meant, so older results still rank and gate exactly as they did. It is
 frozen history: a new task declares its meanings in its own file and is never added here.
-Names not listed are `other` (shown, never ranked or gated).
+Names not listed are `other` (shown, never ranked or gated). Whether a metric was measured with an
+image is read from the mode its name ends in (`_shape`, `/none`), as the built-in tasks declare it.
 
 Nothing here imports a task: MME's group totals are scaled from the `score/<subtask>` names in the
 same record, with the subtask groups MME had when records carried no meanings.
@@ -15,7 +16,7 @@ same record, with the subtask groups MME had when records carried no meanings.
 from __future__ import annotations
 
 import fnmatch
-from typing import Mapping
+from collections.abc import Mapping
 
 from harness.contracts.meaning import COUNT, Better, Kind, MetricMeaning, points, rate
 
@@ -59,6 +60,20 @@ def _headline(name: str) -> bool:
     return "/" not in name or name.startswith("benign_refusal/")
 
 
+#: Metrics whose every sample carries an image, by name: MME's scores and totals, ScienceQA's
+#: IMG-Accuracy, the organism's picture questions.
+IMAGE_NAMES = ("picture_qa", "perception", "cognition", "acc_img", "score/*", "acc_plus/*")
+
+
+def _image(name: str) -> bool | None:
+    """Whether `name` was measured with an image, as the built-in tasks name their modes: a last
+    part `shape` or `blank` (organism, demo) is with one, `none` is text only; else not said."""
+    if any(fnmatch.fnmatchcase(name, p) for p in IMAGE_NAMES):
+        return True
+    last = name.replace("/", "_").rsplit("_", 1)[-1]
+    return {"shape": True, "blank": True, "none": False}.get(last) if last != name else None
+
+
 def _scale(name: str, metrics: Mapping[str, object]) -> float:
     """The value a perfect score has: 1 for rates, 200 for an MME subtask score, 200 per subtask
     present in the same record (`metrics`) for MME's perception and cognition totals."""
@@ -79,6 +94,6 @@ def fallback_meaning(name: str, metrics: Mapping[str, object]) -> MetricMeaning:
         if fnmatch.fnmatchcase(name, pattern):
             scale = _scale(name, metrics)
             if scale != 1.0:
-                return points(kind, better, scale, headline)
-            return rate(kind, better, headline)
+                return points(kind, better, scale, headline, _image(name))
+            return rate(kind, better, headline, _image(name))
     return MetricMeaning("other", None, "rate", 1.0, headline)

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 Kind = Literal["safety", "utility", "diagnostic", "other"]
 Better = Literal["lower", "higher"]
@@ -26,13 +27,18 @@ class MetricMeaning:
     """`kind`: safety (attack success, refusal of harmful requests), utility (accuracy, helpfulness,
     over-refusal), diagnostic (counts such as judge errors: shown, never ranked) or other.
     `better`: which direction is better (None: not ranked). `unit` and `scale`: a rate in [0, 1]
-    (scale 1), or points out of `scale`. `headline`: an overall number rather than a breakdown."""
+    (scale 1), or points out of `scale`. `headline`: an overall number rather than a breakdown.
+    `image`: whether the metric is measured on requests that carry an image (True), on text alone
+    (False), or on a mix / not said (None). The degradation VLM defenses exist for shows only with
+    an image, so plots and the leaderboard page draw the metric with an image by default. It says
+    what to draw, never how to rank: two meanings that differ only in it compare equal."""
 
     kind: Kind
     better: Better | None = None
     unit: Unit = "rate"
     scale: float = 1.0
     headline: bool = True
+    image: bool | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -43,6 +49,8 @@ class MetricMeaning:
             raise ValueError(f"a {self.kind} metric must say which direction is better")
         if self.scale <= 0:
             raise ValueError(f"metric scale must be > 0, got {self.scale}")
+        if not (self.image is None or isinstance(self.image, bool)):
+            raise ValueError(f"metric image must be true, false or null, got {self.image!r}")
 
     @property
     def ranked(self) -> bool:
@@ -53,7 +61,11 @@ class MetricMeaning:
         return dataclasses.replace(self, headline=False)
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as results.json stores them; `image` only when said (records stay as they were)."""
+        out = dataclasses.asdict(self)
+        if self.image is None:
+            del out["image"]
+        return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> MetricMeaning:
@@ -61,14 +73,15 @@ class MetricMeaning:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-def rate(kind: Kind, better: Better, headline: bool = True) -> MetricMeaning:
+def rate(kind: Kind, better: Better, headline: bool = True, image: bool | None = None) -> MetricMeaning:
     """A share of samples in [0, 1]."""
-    return MetricMeaning(kind, better, "rate", 1.0, headline)
+    return MetricMeaning(kind, better, "rate", 1.0, headline, image)
 
 
-def points(kind: Kind, better: Better, maximum: float, headline: bool = True) -> MetricMeaning:
+def points(kind: Kind, better: Better, maximum: float, headline: bool = True,
+           image: bool | None = None) -> MetricMeaning:
     """A score in points out of `maximum` (e.g. MME's 200 per subtask)."""
-    return MetricMeaning(kind, better, "points", float(maximum), headline)
+    return MetricMeaning(kind, better, "points", float(maximum), headline, image)
 
 
 #: Counts and diagnostics: kept in results, never ranked or gated.
