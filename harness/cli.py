@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quiet", action="store_true")
     organism_commands.add_parsers(sub)  # `organism build`, `sweep`
+    sub.add_parser("lm-eval", add_help=False,  # main() hands everything after it to lm-eval's own CLI
+                   help="lm-eval's own CLI with the `realign` model registered (realign lm-eval --model realign ...)")
     return parser
 
 
@@ -297,6 +299,11 @@ COMMANDS = {"run": cmd_run, "fit": cmd_fit, "list": cmd_list, "report": cmd_repo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm-eval"]:  # every later argument is lm-eval's, unparsed here
+        from harness.lm_eval_cli import main as lm_eval_main
+
+        return lm_eval_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     previous = signal.signal(signal.SIGTERM, _terminate)  # a kill by a scheduler: stop like Ctrl-C
