@@ -110,6 +110,26 @@ def test_compare_two_defenses_of_one_run(tmp_path, capsys):
     assert "defense='nonesuch'" in capsys.readouterr().err
 
 
+def test_compare_selects_by_shorthand(tmp_path, capsys):
+    """The README's `--defense-b cmrm`: the only defense named cmrm in the run; with two, a list."""
+    a, _ = _paired_runs(tmp_path)
+    harmful = demo_samples(20)
+    cmrm = "cmrm:calibration=organism:split=calibration"
+    write_run(a, [record("m", d, "demo", "keywords", {"asr": metric(0.5)}) for d in ("none", "adashield", cmrm)])
+    write_cell(a, "m", cmrm, "demo", harmful, {s.id: "..." for s in harmful}, {s.id: "safe" for s in harmful})
+    assert main(["compare", str(a), str(a), "--defense-a", "none", "--defense-b", "cmrm", "--format", "json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["b"]["defense"] == cmrm and row["diff"] == pytest.approx(-5 / 20)
+    write_run(a, [record("m", d, "demo", "keywords", {"asr": metric(0.5)}) for d in ("none", cmrm, "cmrm:level=sample")])
+    write_cell(a, "m", "cmrm:level=sample", "demo", harmful, {s.id: "..." for s in harmful}, {s.id: "safe" for s in harmful})
+    assert main(["compare", str(a), str(a), "--defense-a", "none", "--defense-b", "cmrm"]) == 2
+    err = capsys.readouterr().err
+    assert "names 2 defenses" in err and cmrm in err and "cmrm:level=sample" in err
+    from harness.analysis.shorthand import resolve
+
+    assert resolve("seed0", ["organisms/seed0", "organisms/seed1"], "model", "run") == "organisms/seed0"
+
+
 def test_compare_uses_only_shared_samples(tmp_path, capsys):
     a, b = _paired_runs(tmp_path)
     # B misses a verdict on one sample (judge error): it drops out of the pairing

@@ -13,7 +13,8 @@ case of "defense A in one run, defense B in another". `--model-a/--attack-a/--de
 select cells, so two defenses of one run compare as `realign compare RUN RUN --defense-a none
 --defense-b X`, and two attacks as `--attack-a none --attack-b figstep` (the same sample ids under
 two attacks: a paired comparison of how much the attack adds). Cells written before attacks
-existed are attack `none`.
+existed are attack `none`. A selection may be shorthand: `--defense-b cmrm` is the run's only
+defense named cmrm (several: an error listing them).
 
 "B better" or "B worse" follows the direction the metric's record declares in results.json
 (harness.analysis.meanings); an outcome the record does not list (MME's per-question `acc`) takes
@@ -30,6 +31,7 @@ from typing import Any
 
 from harness.errors import RunDirError
 from harness.analysis.meanings import declared_meaning, fallback_meaning, task_meaning
+from harness.analysis.shorthand import resolve
 from harness.contracts.meaning import MetricMeaning
 from harness.contracts.task import Task
 from harness.registry import tasks
@@ -143,6 +145,10 @@ def cell_outcomes(run_dir: str | Path) -> list[CellOutcomes]:
 
 def _select(cells: list[CellOutcomes], model: str | None, defense: str | None, where: str,
             attack: str | None = None) -> list[CellOutcomes]:
+    """The cells of the given model, defense and attack; each may be shorthand (harness.analysis.shorthand)."""
+    model = resolve(model, (c.model for c in cells), "model", where)
+    defense = resolve(defense, (c.defense for c in cells), "defense", where)
+    attack = resolve(attack, (c.attack for c in cells), "attack", where)
     chosen = [c for c in cells if (model is None or c.model == model) and (defense is None or c.defense == defense)
               and (attack is None or c.attack == attack)]
     if not chosen:
