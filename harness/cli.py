@@ -13,10 +13,11 @@ from typing import Any, Sequence
 from harness.errors import RealignError
 from organism import commands as organism_commands
 from harness.registry import REGISTRIES
-from harness.analysis.report import render
+from harness.analysis.report import render, report_tables
 from harness.schema import RunConfig
 from harness.spec import SpecError, describe_params
 from harness.store import RunDir
+from harness.tables import show
 
 log = logging.getLogger("realign")
 
@@ -147,7 +148,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         attacks=args.attack or ["none"],
     )
     records = [r.to_json() for r in run(config, args.out, progress=not args.quiet, retry_errors=args.retry_errors)]
-    print(render(records))
+    show(report_tables(records))
     print(f"\nrun directory: {args.out}")
     return error_summary(records)
 
@@ -213,7 +214,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         return report_matrix(records, rundir, args)
     if args.json:
         raise SpecError("--json writes the attack x defense matrix: give --matrix too")
-    print(render(records, args.format, args.detail))
+    if args.format == "json":
+        print(render(records, args.format))
+    else:
+        show(report_tables(records, args.detail))
     if args.plot:
         from harness.analysis.plot import plot_run
 
@@ -275,7 +279,7 @@ def cmd_judge(args: argparse.Namespace) -> int:
     from harness.rejudge import rejudge
 
     records = rejudge(args.dir, args.judge, progress=not args.quiet, retry_errors=args.retry_errors)
-    print(render(records))
+    show(report_tables(records))
     return error_summary(records)
 
 

@@ -80,7 +80,7 @@ def test_results_written_before_attacks_read_as_attack_none(old_run, tmp_path, c
 
     assert main(["report", str(old_run)]) == 0
     table = capsys.readouterr().out
-    assert "| model | defense | task |" in table and "attack" not in table  # no attack column without attacks
+    assert "| model | defense |" in table and "attack" not in table  # no attack column without attacks
 
     assert main(["report", str(old_run), "--matrix", "--json", str(tmp_path / "m.json")]) == 0
     assert "| none | 0.667 [0.33, 1.00] |" in capsys.readouterr().out

@@ -10,33 +10,18 @@ key), and the full specs go into a key beside the plot, wrapped at their own sep
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from typing import Any
+
+from harness.spec_wrap import wrap
 
 #: Offsets (points) tried in order around a point for its number: near first, then further out.
 _DIRECTIONS = ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1))
 _RADII = (6, 13, 20, 28)
+__all__ = ["MARKERS", "key_label", "place_numbers", "style", "wrap"]
+
 #: Distinct marker x colour pairs: ten colours (tab10), then the next marker.
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
-
-
-def wrap(text: str, width: int = 16) -> str:
-    """Break a spec after its separators (`:`, `,`, `+`, `/`, `|`, space) into lines of at most
-    `width` characters (a trailing separator may overhang by one); a part longer than that is cut."""
-    lines: list[str] = []
-    current = ""
-    for part in re.findall(r"[^,:+/| ]*[,:+/| ]|[^,:+/| ]+$", text):
-        body, sep = (part[:-1], part[-1]) if part[-1] in ",:+/| " else (part, "")
-        chunks = [body[i : i + width] for i in range(0, len(body), width)] or [""]
-        chunks[-1] += sep
-        for chunk in chunks:
-            if current and len(current) + len(chunk.rstrip(",:+/| ")) > width:
-                lines.append(current.rstrip())
-                current = ""
-            current += chunk
-    out = [line for line in [*lines, current.rstrip()] if line]
-    return "\n".join(out) if out else text
 
 
 def key_label(text: str, width: int = 34, max_lines: int = 3) -> str:

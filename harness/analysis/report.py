@@ -1,8 +1,10 @@
 """Human-readable tables of results.json records.
 
-Which metrics the default table shows follows what each record declares (harness.analysis.meanings):
-headline metrics, plus overall counts such as MME's `unparseable`; `--detail` adds the per-category
-breakdowns. Judge errors have their own column.
+One table per (task, judge) under a heading naming both, since each task has its own metrics: a
+single table with a column for every metric of every task was too wide to read. Which metrics a
+table shows follows what each record declares (harness.analysis.meanings): headline metrics, plus
+overall counts such as MME's `unparseable`; `--detail` adds a per-category table under its own
+heading. Judge errors have their own column. harness.tables fits them to the terminal.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import math
 from typing import Any
 
 from harness.analysis.meanings import meaning_of
+from harness.tables import TextTable, markdown
 
 
 def _number(x: Any) -> bool:
@@ -47,11 +50,12 @@ def _metrics(record: Any) -> dict[str, Any]:
     return metrics if isinstance(metrics, dict) else {}
 
 
-def headline_keys(records: list[dict[str, Any]], detail: bool) -> list[str]:
+def metric_keys(records: list[dict[str, Any]], detail: bool) -> list[str]:
+    """Metric names in first-seen order: the shown ones (detail False) or the per-category rest."""
     keys: list[str] = []
     for rec in records:
         for key in _metrics(rec):
-            if key == "judge_errors" or not (detail or _shown(rec, key)):
+            if key == "judge_errors" or _shown(rec, key) == detail:
                 continue
             if key not in keys:
                 keys.append(key)
@@ -62,24 +66,58 @@ def _attack(rec: dict[str, Any]) -> str:
     return str(rec.get("attack") or "none")  # records written before attacks existed: the task as released
 
 
-def markdown_table(records: list[dict[str, Any]], detail: bool = False) -> str:
-    """One row per (model, [attack,] defense, task, judge); metrics with their 95% bootstrap
-    intervals. The attack column appears when some record was made under an attack."""
-    keys = headline_keys(records, detail)
-    attacked = any(isinstance(r, dict) and _attack(r) != "none" for r in records)
-    head = ["model", *(["attack"] if attacked else []), "defense", "task", "judge", "n", *keys, "gen err", "judge err"]
-    rows = [head, ["---"] * len(head)]
+def _groups(records: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Records by (task, judge), in first-seen order: one table each, since metrics differ by task."""
+    out: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for rec in records:
         rec = rec if isinstance(rec, dict) else {}
+        out.setdefault((str(rec.get("task", "?")), str(rec.get("judge") or "-")), []).append(rec)
+    return out
+
+
+def _count(rec: dict[str, Any], key: str) -> str:
+    return str(rec.get(key, "?") if key == "n" else rec.get(key) or 0)
+
+
+def _table(title: str, recs: list[dict[str, Any]], keys: list[str], attacked: bool) -> TextTable:
+    """Rows of `recs`. Columns that would repeat one value in every row move into the title: `n`
+    when all rows have the same, the error counts when all are zero."""
+    counts = [("n", "n"), ("gen err", "generation_errors"), ("judge err", "judge_errors")]
+    same_n = len({_count(r, "n") for r in recs}) == 1
+    no_errors = all(_count(r, k) == "0" for r in recs for k in ("generation_errors", "judge_errors"))
+    shown = [(h, k) for h, k in counts if not (k == "n" and same_n) and not (k != "n" and no_errors)]
+    notes = [f"n={_count(recs[0], 'n')}"] if same_n else []
+    notes += ["no generation or judge errors"] if no_errors else []
+    head = ["model", *(["attack"] if attacked else []), "defense", *keys, *[h for h, _ in shown]]
+    rows = []
+    for rec in recs:
         metrics = _metrics(rec)
         rows.append([
-            str(rec.get("model", "?")), *([_attack(rec)] if attacked else []),
-            *[str(rec.get(k, "?")) for k in ("defense", "task")],
-            str(rec.get("judge") or "-"), str(rec.get("n", "?")),
-            *[fmt_metric(metrics[k]) if k in metrics else "" for k in keys],
-            str(rec.get("generation_errors", 0)), str(rec.get("judge_errors", 0)),
+            str(rec.get("model", "?")), *([_attack(rec)] if attacked else []), str(rec.get("defense", "?")),
+            *[fmt_metric(metrics[k]) if k in metrics else "" for k in keys], *[_count(rec, k) for _, k in shown],
         ])
-    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+    return TextTable(f"{title} ({', '.join(notes)})" if notes else title, head, rows, labels=3 if attacked else 2)
+
+
+def report_tables(records: list[dict[str, Any]], detail: bool = False) -> list[TextTable]:
+    """One table per (task, judge) of the headline metrics, each under a heading naming both; with
+    `detail`, each followed by its per-category table. The attack column appears when some record
+    was made under an attack."""
+    attacked = any(isinstance(r, dict) and _attack(r) != "none" for r in records)
+    tables = []
+    for (task, judge), recs in _groups(records).items():
+        title = f"{task} | judge {judge}" if judge != "-" else f"{task} | no judge"
+        tables.append(_table(title, recs, metric_keys(recs, False), attacked))
+        extra = metric_keys(recs, True)
+        if detail and extra:
+            tables.append(_table(f"{title} | per category", recs, extra, attacked))
+    return tables
+
+
+def markdown_table(records: list[dict[str, Any]], detail: bool = False) -> str:
+    """The report as markdown: a `###` heading and a table per (task, judge), metrics with their
+    95% bootstrap intervals."""
+    return markdown(report_tables(records, detail))
 
 
 def render(records: list[dict[str, Any]], fmt: str = "md", detail: bool = False) -> str:
