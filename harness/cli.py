@@ -252,11 +252,14 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from harness.analysis.compare import compare, format_json, format_text
+    from harness.analysis.compare import compare, comparison_table, format_json
 
     found = compare(args.dir_a, args.dir_b, args.model_a, args.defense_a, args.model_b, args.defense_b,
                     attack_a=args.attack_a, attack_b=args.attack_b)
-    print(format_json(found) if args.format == "json" else format_text(found))
+    if args.format == "json":
+        print(format_json(found))
+    else:
+        show([comparison_table(found)])
     return 0
 
 

@@ -38,6 +38,7 @@ from harness.registry import tasks
 from harness.schema import Verdict, record_key
 from harness.stats import McNemar, mcnemar, paired_bootstrap_diff
 from harness.store import RunDir
+from harness.tables import TextTable, markdown
 
 CellKey = tuple[str, str, str, str, "str | None"]  # model, attack, defense, task, judge
 
@@ -246,10 +247,10 @@ def _side(side: dict[str, str]) -> str:
     return " · ".join([side["model"], *([side["attack"]] if "attack" in side else []), side["defense"]])
 
 
-def format_text(comparisons: list[Comparison]) -> str:
-    """A markdown table: one row per (task, judge, metric)."""
+def comparison_table(comparisons: list[Comparison]) -> TextTable:
+    """One row per (task, judge, metric); the footnotes explain McNemar's b/c and shared samples."""
     head = ["task", "judge", "metric", "A", "B", "A mean", "B mean", "B - A [95% CI]", "n", "McNemar p", "reading"]
-    rows = [head, ["---"] * len(head)]
+    rows = []
     notes = []
     for c in comparisons:
         ci = f"{_num(c.diff)} [{_num(c.low)}, {_num(c.high)}]"
@@ -258,9 +259,13 @@ def format_text(comparisons: list[Comparison]) -> str:
                      _num(c.mean_a, "{:.3f}"), _num(c.mean_b, "{:.3f}"),
                      ci, str(c.n_shared), p, c.verdict()])
         notes += [f"{c.task} {c.metric}: {n}" for n in c.notes]
-    table = "\n".join("| " + " | ".join(x.replace("|", "\\|") for x in r) + " |" for r in rows)
-    foot = "\nMcNemar b/c: pairs with the outcome in A only / in B only (outcome 1 = unsafe for asr, right for acc)."
-    return table + foot + ("\n" + "\n".join(notes) if notes else "")
+    foot = "McNemar b/c: pairs with the outcome in A only / in B only (outcome 1 = unsafe for asr, right for acc)."
+    return TextTable(None, head, rows, labels=3, notes=["", foot, *notes])
+
+
+def format_text(comparisons: list[Comparison]) -> str:
+    """A markdown table: one row per (task, judge, metric)."""
+    return markdown([comparison_table(comparisons)])
 
 
 def format_json(comparisons: list[Comparison]) -> str:
