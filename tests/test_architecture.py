@@ -43,7 +43,17 @@ def test_defenses_know_no_runner_judge_or_task():
     files = python_files("harness/defenses")
     assert files
     assert offenders(files, ("harness.runner", "harness.judging", "harness.rejudge", "harness.calibration",
-                             "harness.samples", "judges", "tasks", "harness.analysis")) == []
+                             "harness.samples", "judges", "tasks", "harness.analysis", "harness.whitebox")) == []
+
+
+def test_whitebox_core_knows_no_runner_judge_task_or_attack():
+    """harness.whitebox sits between the defenses and the runner: it computes the defended loss from
+    a defense object the runner hands over, and never reaches up to the runner, a judge or a metric.
+    (A defense never imports it: a defense never knows the attack.)"""
+    files = python_files("harness/whitebox")
+    assert files
+    assert offenders(files, ("harness.runner", "harness.judging", "harness.rejudge", "harness.analysis",
+                             "harness.samples", "judges", "tasks", "attacks")) == []
 
 
 def test_the_core_imports_no_task_judge_or_organism():
@@ -58,7 +68,9 @@ def test_tasks_know_no_model_defense_or_judge():
 
 def test_attacks_know_no_defense_judge_or_metric():
     """An attack rewrites a request; it never sees the defense or how the answer is scored. (It may
-    load a helper model of its own, e.g. an LLM that rephrases, through harness.models.)"""
+    load a helper model of its own, e.g. an LLM that rephrases, through harness.models; a white-box
+    attack gets the model and the defense object from the runner and optimises through
+    harness.whitebox, never importing a defense itself.)"""
     files = python_files("attacks")
     assert files
     assert offenders(files, ("harness.defenses", "harness.runner", "judges", "harness.judging",

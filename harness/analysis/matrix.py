@@ -9,7 +9,9 @@ or the share of harmful requests refused) with its 95% interval, read straight f
 so the matrix and the per-cell records can never disagree.
 
 Rows and columns keep the run's order, `none` first (the undefended model, the task as released).
-A (model, task, judge) with no headline safety metric (a utility task) has no matrix.
+A (model, task, judge) with no headline safety metric (a utility task) has no matrix. When white-box
+attacks ran, each table also gets the per-defense regime summary (no attack, transfer, adaptive:
+harness.analysis.regimes).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from harness.analysis import regimes
 from harness.analysis.leaderboard import clean_metric
 from harness.analysis.meanings import meaning_of
 from harness.analysis.report import fmt_metric
@@ -41,6 +44,8 @@ class MatrixTable:
     attacks: list[str] = field(default_factory=list)
     defenses: list[str] = field(default_factory=list)
     cells: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    #: per defense and white-box attack: the metric with no attack, under transfer and adaptive
+    regimes: list[dict[str, Any]] = field(default_factory=list)
 
     def cell(self, attack: str, defense: str) -> dict[str, Any] | None:
         return self.cells.get(attack, {}).get(defense)
@@ -48,7 +53,8 @@ class MatrixTable:
     def to_json(self) -> dict[str, Any]:
         return {"model": self.model, "task": self.task, "judge": self.judge, "metric": self.metric,
                 "kind": self.meaning.kind, "better": self.meaning.better, "scale": self.meaning.scale,
-                "attacks": self.attacks, "defenses": self.defenses, "cells": self.cells}
+                "attacks": self.attacks, "defenses": self.defenses, "cells": self.cells,
+                **({"regimes": self.regimes} if self.regimes else {})}
 
 
 def _ordered(values: list[str]) -> list[str]:
@@ -92,6 +98,9 @@ def build_matrix(records: list[dict[str, Any]]) -> tuple[list[MatrixTable], list
             value = (rec.get("metrics") or {}).get(metric)
             if isinstance(value, dict):
                 table.cells.setdefault(record_attack(rec), {})[rec["defense"]] = clean_metric(value)
+        if regimes.has_regimes(recs):
+            table.regimes = [{k: clean_metric(v) if k in regimes.REGIMES and v else v for k, v in row.items()}
+                             for row in regimes.regime_rows(recs, metric)]
         tables.append(table)
     return tables, skipped
 
@@ -124,6 +133,8 @@ def markdown(tables: list[MatrixTable], skipped: list[str]) -> str:
             row = [fmt_metric(t.cell(attack, d)) if t.cell(attack, d) else "-" for d in t.defenses]
             lines.append(f"| {_escape(attack)} | " + " | ".join(row) + " |")
         parts.append("\n".join(lines))
+        if t.regimes:
+            parts.append(regimes.markdown(t.regimes, t.metric))
     if skipped:
         parts.append(f"(no headline safety metric, no matrix: {'; '.join(skipped)})")
     return "\n\n".join(parts)

@@ -61,6 +61,28 @@ class Attack(ABC):
         prompt files with their hashes)."""
         return {"spec": self.spec}
 
+    # ---- white-box attacks (optional) -----------------------------------------------------------
+    #: Whether the attack needs the evaluated model (and, adaptively, a defense) before it applies:
+    #: the runner then calls `prepare` once the model is loaded (harness.whitebox.handover).
+    needs_model: ClassVar[bool] = False
+
+    def through(self) -> str | None:
+        """The defense spec a white-box attack optimises through (None: the undefended model)."""
+        return None
+
+    def prepare(self, backend: Any, defense: Any | None, context: Any) -> None:
+        """Receive the loaded backend and the calibrated defense to optimise through (or None);
+        only called when `needs_model`. The attack keeps them; it never imports a defense."""
+
+    def apply_batch(self, samples: list[Sample], seed: int) -> list[Sample]:
+        """The attacked samples of one batch; white-box attacks optimise them together."""
+        return [self.apply(s, seed) for s in samples]
+
+    def cell_identity(self, defense_spec: str) -> dict[str, Any]:
+        """`identity()` as recorded for the cell evaluated under `defense_spec` (a white-box attack adds
+        its regime there: transfer, adaptive or cross)."""
+        return self.identity()
+
     def attacked(self, sample: Sample, text: str, image: Any, record: dict[str, Any]) -> Sample:
         """A copy of `sample` sending `text` and `image`, keeping the plain request for judges."""
         meta = {**sample.meta, QUERY: sample.query, ATTACK: {"spec": self.spec, **record}}

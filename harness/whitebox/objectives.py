@@ -1,0 +1,223 @@
+"""The loss an attack minimises, computed on the forward pass the evaluated defense would run.
+
+One class per differentiable defense (see `status`); each reuses the defense object's own fitted
+state and choices (its layers, positions, vectors, band and threshold, prompt), so the adaptive
+attacker optimises against exactly what the run evaluates:
+  - `Plain`: the undefended model (`through=none`: the transfer regime's source);
+  - `Steered`: CMRM. Its vectors come from `defense.steer` (a blank image and the text, never the
+    attacked pixels), added as constants inside the graph;
+  - `ShiftDCLoss`: the image-side states h(q, img) are read WITH their gradient in an unsteered
+    forward, the caption side h(q + caption) is a constant refreshed every `refresh` steps (BPDA);
+  - `RefusalDirLoss`: alpha*r at the block inputs (actadd); the gate is evaluated, not differentiated;
+  - `HiddenDetectLoss`: the target loss on the unflagged path plus weight*relu(S - tau + margin);
+  - `Prompted`: AdaShield-S, its prompt placed in the text.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+
+from harness.contracts.backend import user_request
+from harness.defenses.hiddendetect_state import band_score, layer_cosines
+from harness.defenses.prompts import place_prompt
+from harness.defenses.refusal_dir import gate_factors
+from harness.defenses.shiftdc import TEXT_WITH_CAPTION
+from harness.errors import CapabilityError
+from harness.models import hf_directions
+from harness.models.hf_scoring import final_norm
+from harness.schema import Sample
+from harness.whitebox import hooks, teacher
+from harness.whitebox.pixels import Pipeline, to_image
+from harness.whitebox.status import status_of
+
+
+class Plain:
+    """The undefended forward; subclasses edit the text, add hooks or add loss terms."""
+
+    name = "none"
+
+    def __init__(self, backend: Any, defense: Any, settings: dict[str, Any]) -> None:
+        self.backend, self.defense, self.settings = backend, defense, settings
+        self.pipeline = Pipeline.for_backend(backend)
+        self.model = backend.model
+        self._state: dict[int, dict[str, Any]] = {}
+
+    # ---- what subclasses override -----------------------------------------------------------
+    def text(self, text: str) -> str:
+        """The user text the defended model receives for `text`."""
+        return text
+
+    def begin(self, texts: list[str], u: torch.Tensor) -> None:
+        """Called once per batch before its first step: constants of the pixels (texts per image)."""
+
+    def refresh(self, steps: dict[int, int], texts: list[str], u: torch.Tensor) -> None:
+        """Called before every step with each active image's step and all current 8-bit images
+        (BPDA refreshes)."""
+
+    def logits(self, batch: teacher.TeacherBatch, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(target logits [R, T, V], extra loss per row [R])."""
+        return teacher.forward(self.model, batch, pixel_values), torch.zeros(len(batch.rows), device=pixel_values.device)
+
+    # ---- shared -------------------------------------------------------------------------------
+    def losses(self, x: torch.Tensor, batch: teacher.TeacherBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-row loss [R] with its graph to x, per-row extra term [R]): x [images, 3, H, W] in [0, 1]."""
+        pixel_values = self.pipeline(x)
+        logits, extra = self.logits(batch, pixel_values)
+        return teacher.row_losses(logits, batch) + extra, extra
+
+    def item_state(self, index: int) -> dict[str, Any]:
+        """JSON-able state of image `index` that a checkpoint must keep for an exact resume (the
+        caption held fixed since its last refresh)."""
+        return dict(self._state.get(index, {}))
+
+    def restore(self, index: int, state: dict[str, Any]) -> None:
+        if state:
+            self._state[index] = dict(state)
+
+    def identity(self) -> dict[str, Any]:
+        status, how = status_of(self.name)
+        return {"through": None if self.defense is None else self.defense.spec, "status": status, "how": how,
+                "processor": self.pipeline.processor, "size": list(self.pipeline.size)}
+
+    def samples(self, texts: list[str], u: torch.Tensor) -> list[Sample]:
+        return [Sample(id=f"whitebox/{i}", text=t, image=to_image(u[i])) for i, t in enumerate(texts)]
+
+
+class Steered(Plain):
+    """CMRM: the defense's own vectors, constants of the pixels, added to its layers' outputs."""
+
+    name = "cmrm"
+
+    def begin(self, texts: list[str], u: torch.Tensor) -> None:
+        self.layers = self.defense.layers(self.backend)
+        steer = self.defense.steer(self.backend, self.samples(texts, u), self.layers)
+        self.vectors = steer.vectors.to(self.model.device)  # [images, k, H]
+
+    def logits(self, batch: teacher.TeacherBatch, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vectors = {layer: self.vectors[batch.owner, i] for i, layer in enumerate(self.layers)}
+        with hooks.add_to_outputs(self.model, vectors, batch.weights(self.defense.positions())):
+            return super().logits(batch, pixel_values)
+
+
+class ShiftDCLoss(Plain):
+    """ShiftDC: c = alpha * (m.s / s.s) s with m = h(q, img) - h(q + caption), subtracted at its layers."""
+
+    name = "shiftdc"
+
+    def begin(self, texts: list[str], u: torch.Tensor) -> None:
+        self.layers = self.defense.layers(self.backend)
+        self.direction = self.defense.fitted().vectors[self.layers].to(self.model.device)  # [k, H]
+        self.texts = texts
+
+    def refresh(self, steps: dict[int, int], texts: list[str], u: torch.Tensor) -> None:
+        """Re-caption the images whose caption is missing or `refresh` steps old, in one batch."""
+        every = max(int(self.settings.get("refresh", 10)), 1)
+        due = [i for i, step in steps.items() if i not in self._state or step % every == 0]
+        if due:
+            done = self.defense.captions(self.backend, [self.samples(texts, u)[i] for i in due])
+            for i, c in zip(due, done):
+                self._state[i] = {"caption": c.text.strip(), "at_step": steps[i]}
+
+    def _caption_states(self, owners: list[int]) -> torch.Tensor:
+        """[R, k, H] constant states of `text + caption` per row (cached while the captions stay)."""
+        texts = [TEXT_WITH_CAPTION.format(query=self.texts[i], caption=self._state[i]["caption"]) for i in owners]
+        if getattr(self, "_cached", (None,))[0] != texts:
+            states = self.backend.last_token_states([user_request(t) for t in texts], self.layers)
+            self._cached = (texts, states.to(self.model.device))
+        return self._cached[1]
+
+    def logits(self, batch: teacher.TeacherBatch, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with hooks.capture_outputs(self.model, self.layers, batch.prompt_len - 1, stop=True) as seen:
+            try:
+                teacher.forward(self.model, batch, pixel_values)
+            except hooks.StopForward:
+                pass
+        image_side = torch.stack([seen[layer] for layer in self.layers], 1)  # [R, k, H], with graph
+        shift = image_side - self._caption_states(batch.owner.tolist()).to(image_side.dtype)
+        s = self.direction.to(image_side.dtype)
+        coef = (shift * s).sum(-1) / (s * s).sum(-1).clamp_min(1e-12)  # [R, k]
+        correction = self.defense.params.alpha * coef[..., None] * s
+        vectors = {layer: -correction[:, i] for i, layer in enumerate(self.layers)}
+        with hooks.add_to_outputs(self.model, vectors, batch.weights(self.defense.positions())):
+            return super().logits(batch, pixel_values)
+
+
+class RefusalDirLoss(Plain):
+    """Refusal-direction steering (actadd): alpha*r at the chosen block inputs and positions."""
+
+    name = "refusal_dir"
+
+    def __init__(self, backend: Any, defense: Any, settings: dict[str, Any]) -> None:
+        super().__init__(backend, defense, settings)
+        if defense.params.mode != "actadd":
+            raise CapabilityError("refusal_dir mode=ablate removes refusal (an audit, not a defense); "
+                                  "white-box attacks go through mode=actadd only")
+
+    def logits(self, batch: teacher.TeacherBatch, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        choice, p = self.defense.current(), self.defense.params
+        rows = len(batch.rows)
+        vectors = {l: (p.alpha * r).to(self.model.device).unsqueeze(0).expand(rows, -1) for l, r in choice.directions.items()}
+        position = batch.prompt_len + choice.position  # counted from the prompt end
+        threshold = choice.threshold if p.gate else None
+
+        def gate(hidden: torch.Tensor) -> torch.Tensor:
+            projection = hf_directions.project(hidden[:, position].detach().float(), choice.gate_direction.to(hidden.device))
+            return gate_factors(projection, torch.ones(rows, dtype=torch.float32, device=hidden.device), threshold)[0]
+
+        with hooks.add_to_inputs(self.model, vectors, batch.weights(frozenset(p.positions)), gate=gate):
+            return super().logits(batch, pixel_values)
+
+
+class HiddenDetectLoss(Plain):
+    """HiddenDetect: the answer path is the undefended model's, and its score must stay under tau."""
+
+    name = "hiddendetect"
+
+    def logits(self, batch: teacher.TeacherBatch, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        decision = self.defense.current(self.backend)
+        layers = list(range(int(self.backend.decoder_size().num_layers)))
+        with hooks.capture_outputs(self.model, layers, batch.prompt_len - 1) as seen:
+            logits, _ = super().logits(batch, pixel_values)
+        states = torch.stack([seen[layer] for layer in layers], 1)  # [R, L, H]
+        lens = self.model.get_output_embeddings()(final_norm(self.model)(states))
+        score = band_score(layer_cosines(lens, self.defense.token_ids(self.backend)), decision.band)
+        weight, margin = float(self.settings.get("hd_weight", 10.0)), float(self.settings.get("hd_margin", 0.0))
+        return logits, weight * torch.relu(score - decision.tau + margin)
+
+
+class Prompted(Plain):
+    """AdaShield-S: the defense prompt placed in the text, as its generate does."""
+
+    name = "adashield"
+
+    def __init__(self, backend: Any, defense: Any, settings: dict[str, Any]) -> None:
+        super().__init__(backend, defense, settings)
+        if defense.params.mode != "static":
+            raise CapabilityError("adashield mode=adaptive is transfer-only for white-box attacks")
+
+    def text(self, text: str) -> str:
+        return place_prompt(text, self.defense.prompt, self.defense.params.placement)
+
+
+OBJECTIVES: dict[str, type[Plain]] = {c.name: c for c in (Plain, Steered, ShiftDCLoss, RefusalDirLoss,
+                                                         HiddenDetectLoss, Prompted)}
+
+
+def objective_for(backend: Any, defense: Any | None, settings: dict[str, Any]) -> Plain:
+    """The objective for `defense` (None: the undefended model); refuses a transfer-only defense."""
+    if not callable(getattr(backend, "encode", None)) or getattr(backend, "model", None) is None:
+        raise CapabilityError(f"white-box attacks need an HF model's gradients; backend {getattr(backend, 'spec', '?')!r} "
+                              "has none")
+    name = "none" if defense is None else getattr(type(defense), "registered_name", type(defense).__name__)
+    if name not in OBJECTIVES:
+        status, why = status_of(name)
+        raise CapabilityError(f"defense {name!r} is {status} for white-box attacks ({why})")
+    return OBJECTIVES[name](backend, defense, settings)
+
+
+def placeholder(pipeline: Pipeline) -> Image.Image:
+    """A grey image at the optimisation size: the prompt is encoded once with it, its pixels replaced."""
+    return Image.new("RGB", (pipeline.size[1], pipeline.size[0]), (128, 128, 128))
