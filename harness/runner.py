@@ -15,6 +15,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from tqdm import tqdm
+
 from harness import calibration
 from harness.contracts.attack import Attack
 from harness.contracts.backend import Backend, GenerationParams
@@ -25,7 +27,6 @@ from harness.errors import DataError, RunDirError
 from harness.judging import score_cell
 from harness.lock import run_lock
 from harness.models.resolve import resolve_backend
-from harness.progress import RunProgress, cell_label
 from harness.provenance import git_commit, host_info, package_versions
 from harness.registry import attacks, defenses, judges, tasks
 from harness.samples import load_samples, split_loadable
@@ -132,8 +133,6 @@ class Runner:
         self.retry_errors = retry_errors
         self.info: dict[str, Any] = {}
         self.results: list[dict[str, Any]] = []
-        cells = [t.spec for _ in self.plan.models for _ in self.plan.attacks for _ in self.plan.defenses for t in self.plan.tasks]
-        self.reporter = RunProgress(cells, enabled=progress)
 
     def _start(self) -> None:
         identity = self.config.generation_identity()
@@ -168,7 +167,6 @@ class Runner:
                 for model_spec, entry, params in self.plan.models:
                     self._run_model(model_spec, entry, params)
             except BaseException as exc:
-                self.reporter.close()  # a live bar must not outlive the run it draws
                 self._finish("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
                 raise
             self._finish("complete")
@@ -219,8 +217,7 @@ class Runner:
         samples = load_samples(task, self.config.limit)
         done = cell.generations()
         pending = [s for s in samples if s.id not in done or (self.retry_errors and done[s.id].get("error"))]
-        self.reporter.start_cell(cell_label(model_spec, defense.spec, task.spec, attack.spec), task.spec, len(samples),
-                                 len(samples) - len(pending))
+        label = " | ".join([model_spec, *([] if plain else [attack.spec]), defense.spec, task.spec])
         if pending:
             backend = get_backend()
             calibration.prepare(defense, backend, DefenseContext(
@@ -234,7 +231,8 @@ class Runner:
                 prepare_attack(attack, backend, defense, DefenseContext(cache_dir=cell.fitted_dir, eval_ids=frozenset(
                     s.id for s in samples), batch_size=self.config.batch_size), self.rundir.root, self.progress)
             params = self._params()
-            bar = self.reporter.bar("generate", len(samples), len(samples) - len(pending))
+            bar = tqdm(total=len(samples), initial=len(samples) - len(pending), desc=f"generate {label}",
+                       disable=not self.progress, file=sys.stderr, unit="sample")
             for start in range(0, len(pending), self.config.batch_size):
                 # The attack runs per batch, on pending samples only: its images stay lazy and its
                 # own model calls (an LLM rewriter) are not repeated for samples already done.
@@ -255,11 +253,10 @@ class Runner:
             "task": task.identity(),
         }
         cell.write_identity(identity)
-        for record in score_cell(cell, task, self.plan.judges, samples, generations, identity, self.reporter,
+        for record in score_cell(cell, task, self.plan.judges, samples, generations, identity, self.progress,
                                  retry_errors=self.retry_errors):
             self.results.append(record)
             self.rundir.write_results(self.results)
-        self.reporter.end_cell(len(samples))
 
 
 def run(config: RunConfig, out: str | Path, progress: bool = True, retry_errors: bool = True) -> list[ResultRecord]:
