@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from harness.distributed import is_main
     from harness.runner import run
 
     config = RunConfig(
@@ -148,6 +149,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         attacks=args.attack or ["none"],
     )
     records = [r.to_json() for r in run(config, args.out, progress=not args.quiet, retry_errors=args.retry_errors)]
+    if not is_main():  # a data-parallel run: rank 0 alone reports
+        return 0
     show(report_tables(records))
     print(f"\nrun directory: {args.out}")
     return error_summary(records)

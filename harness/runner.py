@@ -23,16 +23,15 @@ from harness.contracts.backend import Backend, GenerationParams
 from harness.contracts.defense import Defense, DefenseContext
 from harness.contracts.judge import Judge
 from harness.contracts.task import Task
+from harness.distributed import Shard
 from harness.errors import DataError, RunDirError
 from harness.judging import score_cell
-from harness.lock import run_lock
 from harness.models.resolve import resolve_backend
 from harness.provenance import git_commit, host_info, package_versions
 from harness.registry import attacks, defenses, judges, tasks
 from harness.samples import load_samples, split_loadable
 from harness.schema import Generation, ResultRecord, RunConfig, Sample
 from harness.spec import SpecError
-from harness.store import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +126,9 @@ class Runner:
                  retry_errors: bool = True) -> None:
         self.config = config
         self.plan = Plan.build(config)
-        self.rundir = RunDir(Path(out))
+        self.shard = Shard.from_env()  # data parallel under torchrun / accelerate (harness.distributed)
+        progress = progress and self.shard.main
+        self.rundir = self.shard.rundir(Path(out))
         self.progress = progress
         self.argv = argv if argv is not None else sys.argv
         self.retry_errors = retry_errors
@@ -160,9 +161,10 @@ class Runner:
 
     def run(self) -> list[ResultRecord]:
         """Generate, judge and score every cell; one writer at a time per run directory."""
-        with run_lock(self.rundir.root, "realign run"):
+        with self.shard.owner_lock(self.rundir.root, "realign run"):
             self._warn_short_budget()
-            self._start()
+            with self.shard.main_first():
+                self._start()
             try:
                 for model_spec, entry, params in self.plan.models:
                     self._run_model(model_spec, entry, params)
@@ -217,32 +219,38 @@ class Runner:
         samples = load_samples(task, self.config.limit)
         done = cell.generations()
         pending = [s for s in samples if s.id not in done or (self.retry_errors and done[s.id].get("error"))]
+        pending = self.shard.agree(pending, samples)
         label = " | ".join([model_spec, *([] if plain else [attack.spec]), defense.spec, task.spec])
         if pending:
             backend = get_backend()
-            calibration.prepare(defense, backend, DefenseContext(
-                cache_dir=cell.fitted_dir,
-                eval_ids=frozenset(s.id for s in samples),
-                batch_size=self.config.batch_size,
-                progress=self.progress,
-            ))
+            with self.shard.main_first():  # rank 0 fits and caches; the others load its state
+                calibration.prepare(defense, backend, DefenseContext(
+                    cache_dir=cell.fitted_dir,
+                    eval_ids=frozenset(s.id for s in samples),
+                    batch_size=self.config.batch_size,
+                    progress=self.progress,
+                ))
             if attack.needs_model:  # a white-box attack: the model, and the defense it optimises through
                 from harness.whitebox.handover import prepare_attack
-                prepare_attack(attack, backend, defense, DefenseContext(cache_dir=cell.fitted_dir, eval_ids=frozenset(
-                    s.id for s in samples), batch_size=self.config.batch_size), self.rundir.root, self.progress)
+                with self.shard.main_first():
+                    prepare_attack(attack, backend, defense, DefenseContext(cache_dir=cell.fitted_dir, eval_ids=frozenset(
+                        s.id for s in samples), batch_size=self.config.batch_size), self.rundir.root, self.progress)
             params = self._params()
             bar = tqdm(total=len(samples), initial=len(samples) - len(pending), desc=f"generate {label}",
                        disable=not self.progress, file=sys.stderr, unit="sample")
-            for start in range(0, len(pending), self.config.batch_size):
+            for mine in self.shard.rounds(pending, self.config.batch_size):  # this process's batch of a round
                 # The attack runs per batch, on pending samples only: its images stay lazy and its
                 # own model calls (an LLM rewriter) are not repeated for samples already done.
-                batch = attack.apply_batch(pending[start : start + self.config.batch_size], self.config.seed)
+                batch = attack.apply_batch(mine, self.config.seed) if mine else []
                 gens = generate_batch(defense, backend, batch, params)
-                cell.append_generations([_generation_record(s, g) for s, g in zip(batch, gens)],
-                                        replace=any(s.id in done for s in batch))
-                bar.update(len(batch))
+                # Rank 0 writes every process's records of the round, in the single-process order.
+                for records in self.shard.collect([_generation_record(s, g) for s, g in zip(batch, gens)]):
+                    cell.append_generations(records, replace=any(r["sample_id"] in done for r in records))
+                    bar.update(len(records))
             bar.close()
             done = cell.generations()
+        if not self.shard.main:  # rank 0 alone judges and scores
+            return
         generations = {s.id: Generation.from_json(done[s.id]) for s in samples}
         if not plain:  # judge and score the samples as they were sent (the record keeps the plain request)
             samples = [Sample.from_json(done[s.id]["sample"]) for s in samples]
