@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from harness.errors import RealignError
+from harness.quiet import quiet
 from organism import commands as organism_commands
 from harness.registry import REGISTRIES
 from harness.analysis.report import render, report_tables
@@ -33,7 +35,7 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (HF models)")
     p.add_argument("--dtype", default=None, help="auto, float32, bfloat16, float16 (HF models)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="nothing on stderr but errors (no progress, no warnings)")
     p.add_argument("--no-retry-errors", dest="retry_errors", action="store_false",
                    help="keep generations and verdicts that failed before instead of trying them again")
 
@@ -318,7 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     previous = signal.signal(signal.SIGTERM, _terminate)  # a kill by a scheduler: stop like Ctrl-C
     try:
-        status = COMMANDS[args.command](args)
+        with quiet() if getattr(args, "quiet", False) else contextlib.nullcontext():  # stderr: errors only
+            status = COMMANDS[args.command](args)
         sys.stdout.flush()  # a closed pipe must fail here, inside the handlers, not at interpreter exit
         return status
     except (RealignError, SpecError) as exc:

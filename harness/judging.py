@@ -9,14 +9,12 @@ commands write identical records for the same verdicts.
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from tqdm import tqdm
-
 from harness.contracts.judge import Judge
 from harness.contracts.task import Task
+from harness.progress import RunProgress, disabled, short_spec
 from harness.schema import Generation, ResultRecord, Sample, Verdict, record_key
 from harness.stats import generation_errors
 from harness.store import Cell
@@ -34,20 +32,21 @@ class CellKey:
 
 
 def judge_cell(cell: Cell, judge: Judge, samples: list[Sample], generations: dict[str, Generation],
-               progress: bool = False, retry_errors: bool = True) -> dict[str, Verdict]:
+               progress: bool | RunProgress = False, retry_errors: bool = True) -> dict[str, Verdict]:
     """Verdicts for every sample, judging only those the judge's verdict file lacks, and (unless
     `retry_errors` is false) those whose verdict was an error; appended per chunk, so a killed judge
     resumes where it stopped, and a retried verdict supersedes the error it replaces."""
     stored = cell.verdicts(judge.spec)
     pending = [s for s in samples if s.id not in stored or (retry_errors and stored[s.id].get("label") == "error")]
-    bar = tqdm(total=len(samples), initial=len(samples) - len(pending), desc=f"judge {judge.spec}",
-               disable=not progress or not pending, file=sys.stderr, unit="sample")
-    for start in range(0, len(pending), JUDGE_CHUNK):
-        chunk = pending[start : start + JUDGE_CHUNK]
-        verdicts = judge.verdicts(chunk, [generations[s.id] for s in chunk])
-        cell.append_verdicts(judge.spec, [v.to_json() for v in verdicts], replace=any(s.id in stored for s in chunk))
-        bar.update(len(chunk))
-    bar.close()
+    reporter = progress if isinstance(progress, RunProgress) else RunProgress([cell.task], enabled=bool(progress))
+    if not pending:
+        reporter = disabled()
+    with reporter.stage(f"judge {short_spec(judge.spec)}", len(samples), len(samples) - len(pending)) as advance:
+        for start in range(0, len(pending), JUDGE_CHUNK):
+            chunk = pending[start : start + JUDGE_CHUNK]
+            verdicts = judge.verdicts(chunk, [generations[s.id] for s in chunk])
+            cell.append_verdicts(judge.spec, [v.to_json() for v in verdicts], replace=any(s.id in stored for s in chunk))
+            advance(len(chunk))
     stored = cell.verdicts(judge.spec)
     return {s.id: Verdict.from_json(stored[s.id]) for s in samples if s.id in stored}
 
@@ -87,7 +86,7 @@ def result_record(key: CellKey, task: Task, judge: Judge | None, samples: list[S
 
 def score_cell(cell: Cell, task: Task, judges: list[Judge], samples: list[Sample],
                generations: dict[str, Generation], identity: dict[str, Any],
-               progress: bool = False, retry_errors: bool = True) -> list[dict[str, Any]]:
+               progress: bool | RunProgress = False, retry_errors: bool = True) -> list[dict[str, Any]]:
     """Judge (if the task needs a judge) and score one cell: one record per judge, or one
     judge-less record for a task that scores answers itself."""
     key = CellKey(cell.model, cell.defense, cell.task, cell.attack)

@@ -17,6 +17,7 @@ from typing import Any
 from harness.contracts.judge import Judge
 from harness.errors import RunDirError
 from harness.judging import merge_record, score_cell
+from harness.progress import RunProgress, cell_label
 from harness.registry import judges, tasks
 from harness.lock import run_lock
 from harness.schema import RunConfig, record_key
@@ -64,17 +65,22 @@ def _rejudge(rundir: RunDir, config: RunConfig, info: dict[str, Any], built: lis
     except RunDirError:
         existing = []
     new: list[dict[str, Any]] = []
-    for cell in rundir.saved_cells(config):
+    cells = list(rundir.saved_cells(config))
+    reporter = RunProgress([c.task for c in cells], enabled=progress, counted="judge")
+    for cell in cells:
         task = tasks.build(cell.task)
         if not task.needs_judge:
             log.info("task %s scores answers itself (no judge); skipped", cell.task)
             continue
         samples, generations = cell.load()
         identity = _cell_identity(cell, existing, info)
-        for record in score_cell(cell, task, built, samples, generations, identity, progress, retry_errors):
+        size = len(samples) * len(built)  # each judge reads every sample
+        reporter.start_cell(cell_label(cell.model, cell.defense, cell.task, cell.attack), cell.task, size, 0)
+        for record in score_cell(cell, task, built, samples, generations, identity, reporter, retry_errors):
             new.append(record)
             merge_record(existing, record)
             rundir.write_results(existing)
+        reporter.end_cell(size)
     if not new:
         log.warning("%s: no cell with saved generations of a judged task; nothing was judged", rundir.root)
     return new

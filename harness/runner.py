@@ -15,8 +15,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from tqdm import tqdm
-
 from harness import calibration
 from harness.contracts.attack import Attack
 from harness.contracts.backend import Backend, GenerationParams
@@ -27,6 +25,7 @@ from harness.distributed import Shard
 from harness.errors import DataError, RunDirError
 from harness.judging import score_cell
 from harness.models.resolve import resolve_backend
+from harness.progress import RunProgress, cell_label
 from harness.provenance import git_commit, host_info, package_versions
 from harness.registry import attacks, defenses, judges, tasks
 from harness.samples import load_samples, split_loadable
@@ -134,6 +133,8 @@ class Runner:
         self.retry_errors = retry_errors
         self.info: dict[str, Any] = {}
         self.results: list[dict[str, Any]] = []
+        cells = [t.spec for _ in self.plan.models for _ in self.plan.attacks for _ in self.plan.defenses for t in self.plan.tasks]
+        self.reporter = RunProgress(cells, enabled=progress)
 
     def _start(self) -> None:
         identity = self.config.generation_identity()
@@ -169,6 +170,7 @@ class Runner:
                 for model_spec, entry, params in self.plan.models:
                     self._run_model(model_spec, entry, params)
             except BaseException as exc:
+                self.reporter.close()  # a live bar must not outlive the run it draws
                 self._finish("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
                 raise
             self._finish("complete")
@@ -220,7 +222,8 @@ class Runner:
         done = cell.generations()
         pending = [s for s in samples if s.id not in done or (self.retry_errors and done[s.id].get("error"))]
         pending = self.shard.agree(pending, samples)
-        label = " | ".join([model_spec, *([] if plain else [attack.spec]), defense.spec, task.spec])
+        self.reporter.start_cell(cell_label(model_spec, defense.spec, task.spec, attack.spec), task.spec, len(samples),
+                                 len(samples) - len(pending))
         if pending:
             backend = get_backend()
             with self.shard.main_first():  # rank 0 fits and caches; the others load its state
@@ -236,8 +239,7 @@ class Runner:
                     prepare_attack(attack, backend, defense, DefenseContext(cache_dir=cell.fitted_dir, eval_ids=frozenset(
                         s.id for s in samples), batch_size=self.config.batch_size), self.rundir.root, self.progress)
             params = self._params()
-            bar = tqdm(total=len(samples), initial=len(samples) - len(pending), desc=f"generate {label}",
-                       disable=not self.progress, file=sys.stderr, unit="sample")
+            bar = self.reporter.bar("generate", len(samples), len(samples) - len(pending))
             for mine in self.shard.rounds(pending, self.config.batch_size):  # this process's batch of a round
                 # The attack runs per batch, on pending samples only: its images stay lazy and its
                 # own model calls (an LLM rewriter) are not repeated for samples already done.
@@ -261,10 +263,11 @@ class Runner:
             "task": task.identity(),
         }
         cell.write_identity(identity)
-        for record in score_cell(cell, task, self.plan.judges, samples, generations, identity, self.progress,
+        for record in score_cell(cell, task, self.plan.judges, samples, generations, identity, self.reporter,
                                  retry_errors=self.retry_errors):
             self.results.append(record)
             self.rundir.write_results(self.results)
+        self.reporter.end_cell(len(samples))
 
 
 def run(config: RunConfig, out: str | Path, progress: bool = True, retry_errors: bool = True) -> list[ResultRecord]:

@@ -110,8 +110,9 @@ def render_rich(tables: list[TextTable], console: Any) -> None:
     for i, whole in enumerate(tables):
         caps = label_caps(whole, width)
         for t in split(whole, width):
-            table = Table(box=box.SIMPLE_HEAD, title=t.title, title_justify="left", title_style="bold",
-                          show_edge=False, pad_edge=False, expand=False)
+            if t.title:  # above the table at the console's width, not wrapped to the table's
+                console.print(Text(t.title, style="bold"))
+            table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, expand=False)
             for j, h in enumerate(t.head):  # widths fixed here: split() made them fit the console
                 need = _natural(t, j) - PAD
                 table.add_column(h, overflow="fold", justify="left" if j < t.labels else "right",
