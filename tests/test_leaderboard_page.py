@@ -1,9 +1,6 @@
 """leaderboard/index.html in headless Chromium over a local HTTP server: rows, sorting, escaping,
-and a screenshot.
-
-Needs the Debian package `chromium` (apt-get install -y chromium). Without it the browser tests
-skip on a developer machine and fail on CI (env CI set), where a silent skip would hide lost
-coverage. Set REALIGN_SCREENSHOT_DIR to keep the screenshot (e.g. as a CI artifact).
+the attack matrix. Layout at 1280 and 1920 px, with screenshots: tests/test_leaderboard_layout.py.
+Chromium and the server: tests/browser.py.
 """
 
 from __future__ import annotations
@@ -11,19 +8,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import html.parser
-import os
 import re
-import shutil
-import subprocess
-import threading
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from harness.analysis.leaderboard import build, read_run, write
+from harness.analysis.leaderboard import read_run
+from tests.browser import chromium, serve
 from tests.synthetic_runs import metric, record, write_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,20 +23,6 @@ PAGE = REPO / "harness" / "web" / "index.html"  # package data: a link to leader
 EVIL_MODEL = '<img src=x onerror="document.title=\'pwned\'">evil'
 EVIL_DEFENSE = "<b>bold</b>&amp;"
 ASR_KEY = "demo|keywords|asr"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--hide-scrollbars", "--virtual-time-budget=10000"]
-
-
-def chromium_binary() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        found = shutil.which(name)
-        if found:
-            return found
-    message = "headless browser test needs Chromium: apt-get install -y chromium (Debian package)"
-    if os.environ.get("CI"):
-        pytest.fail(message + " [CI is set, so this is a failure, not a skip]")
-    pytest.skip(message)
 
 
 def test_csp_hash_matches_the_inline_script():
@@ -88,30 +66,9 @@ def served_attacks(tmp_path: Path) -> Iterator[str]:
 
 
 def _serve(site: Path, runs: list, note: str | None) -> Iterator[str]:
-    write(build(runs, note=note), site)
-    assert (site / "index.html").read_bytes() == PAGE.read_bytes()
-    handler = partial(_QuietHandler, directory=str(site))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/index.html"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
-        pass
-
-
-def _chromium(url: str, tmp_path: Path, *args: str) -> str:
-    profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"
-    cmd = [chromium_binary(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args, url]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, f"chromium failed ({proc.returncode}): {proc.stderr[-2000:]}"
-    return proc.stdout
+    with serve(site, runs, note) as url:
+        assert (site / "index.html").read_bytes() == PAGE.read_bytes()
+        yield url
 
 
 class _DomReader(html.parser.HTMLParser):
@@ -140,14 +97,14 @@ class _DomReader(html.parser.HTMLParser):
 
 
 def _dump(url: str, tmp_path: Path) -> tuple[_DomReader, str]:
-    dom = _chromium(url, tmp_path, "--dump-dom")
+    dom = chromium(url, tmp_path, "--dump-dom")
     reader = _DomReader()
     reader.feed(dom)
     assert reader.body_attrs.get("data-ready") == "true", f"page did not render: {dom[-3000:]}"
     return reader, dom
 
 
-def test_rows_sorting_escaping_and_screenshot(served: str, tmp_path: Path):
+def test_rows_sorting_and_escaping(served: str, tmp_path: Path):
     # default order: by model name
     page, dom = _dump(served, tmp_path)
     assert [m for m, _ in page.rows] == [EVIL_MODEL, "model-a", "model-b"]
@@ -164,18 +121,11 @@ def test_rows_sorting_escaping_and_screenshot(served: str, tmp_path: Path):
     assert "<title>realign leaderboard</title>" in dom  # the injected onerror never set it
     assert "&lt;img src=x onerror=" in dom and "&lt;b&gt;bold&lt;/b&gt;&amp;amp;" in dom
     assert "test &lt;i&gt;note&lt;/i&gt;" in dom
-    # Pareto front of (asr, benign refusal), both lower-better: (0.10, 0.45) dominates (0.35, 0.50)
-    assert dom.count("\u2605") == 2 + 1  # two rows on the front + the legend line
-    assert re.search(r'data-defense="adashield">(?:(?!</tr>).)*\u2605', dom, re.S)
-    assert not re.search(r'data-defense="none">(?:(?!</tr>).)*<td class="front"></td>', dom, re.S)
-
-    shot = tmp_path / "leaderboard.png"
-    _chromium(served, tmp_path, "--window-size=1280,1300", f"--screenshot={shot}")
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
-    keep = os.environ.get("REALIGN_SCREENSHOT_DIR")
-    if keep:
-        Path(keep).mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shot, Path(keep) / "leaderboard.png")
+    # Pareto front of (asr, benign refusal), both lower-better: (0.10, 0.45) dominates (0.35, 0.50);
+    # a front entry carries a star in its (sticky) entry cell
+    starred = re.findall(r'<tr data-model="[^"]*" data-attack="[^"]*" data-defense="([^"]*)">(?:(?!</tr>).)*?'
+                         r'class="front"', dom, re.S)
+    assert sorted(starred) == ["adashield", "none"]
 
 
 def test_the_package_ships_the_published_page():
