@@ -17,6 +17,7 @@ from typing import Any
 
 from harness.runner import run
 from harness.schema import RunConfig
+from harness.tables import TextTable, markdown, show
 
 DEMO_ORGANISM = "seed0"  # generation 2 (gen2-seed0) once it ships
 DEMO_TASK = "organism:templates=1,images=none+shape"
@@ -88,19 +89,23 @@ def defense_table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    head = ["defense", *[label for _, label in COLUMNS]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+def demo_table(rows: list[dict[str, Any]]) -> TextTable:
+    """The printed table: one row per defense, each metric with its 95% interval."""
+    out = []
     for row in rows:
         cells = [row["defense"]]
         for key, _ in COLUMNS:
             m = row[key]
             cells.append("n/a" if m is None else f"{m['value']:.2f} [{m['low']:.2f}, {m['high']:.2f}]")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        out.append(cells)
+    return TextTable(None, ["defense", *[label for _, label in COLUMNS]], out)
 
 
-def draw_defenses(rows: list[dict[str, Any]]) -> Any:
+def format_table(rows: list[dict[str, Any]]) -> str:
+    return markdown([demo_table(rows)])
+
+
+def draw_defenses(rows: list[dict[str, Any]], organism: str = DEMO_ORGANISM) -> Any:
     """Grouped bars per defense (refusal as text and with an image, benign answers with an image,
     picture questions), each with its 95% interval; a dot marks every value, so a zero reads as a
     measured zero on the baseline rather than as a missing bar. Returns the Figure (layout final)."""
@@ -130,12 +135,12 @@ def draw_defenses(rows: list[dict[str, Any]]) -> Any:
     ax.set_ylabel("rate (dots: value, whiskers: 95% interval)", fontsize=9)
     ax.tick_params(axis="y", labelsize=8)
     ax.grid(True, axis="y", alpha=0.3)
-    ax.set_title(f"model organism ({DEMO_ORGANISM}): refusal with an image, per defense", fontsize=10)
+    ax.set_title(f"model organism ({organism}): refusal with an image, per defense", fontsize=10)
     fig.legend(loc="outside lower center", ncol=len(COLUMNS), fontsize=8, frameon=False)
     return fig
 
 
-def plot_defenses(rows: list[dict[str, Any]], path: Path) -> Path | None:
+def plot_defenses(rows: list[dict[str, Any]], path: Path, organism: str = DEMO_ORGANISM) -> Path | None:
     """Write draw_defenses' chart to `path` (PNG); None without matplotlib."""
     try:
         import matplotlib
@@ -144,7 +149,7 @@ def plot_defenses(rows: list[dict[str, Any]], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig = draw_defenses(rows)
+    fig = draw_defenses(rows, organism)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
@@ -175,8 +180,8 @@ def run_demo(out: Path, progress: bool = True) -> list[dict[str, Any]]:
           "that refusal when a picture is attached (engineered on purpose; see its MODEL_CARD.md).")
     print(f"Task {DEMO_TASK} (30 harmful, 60 benign requests per input, 16 picture questions), "
           f"judge {DEMO_JUDGE}; 95% bootstrap intervals.\n")
-    print(format_table(rows))
-    png = plot_defenses(rows, out / "demo.png")
+    show([demo_table(rows)])
+    png = plot_defenses(rows, out / "demo.png", model_dir.name)
     print("\n" + what_changed(rows))
     print(f"\nrun directory: {out} (realign report {out})" + (f"; plot: {png}" if png else " (install matplotlib for the plot)"))
     return rows
