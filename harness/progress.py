@@ -26,7 +26,7 @@ LABEL_PART = 24  # characters of one spec in a label
 
 def short_spec(spec: str, width: int = LABEL_PART) -> str:
     """A spec cut to `width` characters; a path or hub id (`organisms/seed0`) keeps its last part."""
-    head, sep, rest = spec.partition(":")
+    head, sep, _ = spec.partition(":")
     if not sep and "/" in head:
         spec = head.rstrip("/").rsplit("/", 1)[-1]
     return spec if len(spec) <= width else spec[: width - 1] + "\u2026"
@@ -41,7 +41,7 @@ def cell_label(model: str, defense: str, task: str, attack: str | None = None) -
 def clock(seconds: float | None) -> str:
     if seconds is None:
         return "?"
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 

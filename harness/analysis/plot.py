@@ -135,7 +135,7 @@ def draw(doc: dict[str, Any], x: str | None = None, y: str | None = None, title:
                title="key", title_fontsize=8, alignment="left", handletextpad=0.4, labelspacing=0.6)
     fig.canvas.draw()
     fig.set_layout_engine("none")  # freeze the layout: the numbers are placed in display coordinates
-    place_numbers(ax, [(p.x, p.y) for p in pts], [str(i + 1) for i in range(len(pts))])
+    place_numbers(ax, [(p.x, p.y) for p in pts], [str(i + 1) for i in range(len(pts))], rings=[(p.x, p.y) for p in fp])
     return fig
 
 

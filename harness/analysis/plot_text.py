@@ -47,9 +47,10 @@ def _free(box: Any, inside: Any, taken: Iterable[Any]) -> bool:
 
 
 def place_numbers(ax: Any, xy: Sequence[tuple[float, float]], labels: Sequence[str], fontsize: float = 8,
-                  marker_px: float = 14) -> list[Any]:
+                  marker_px: float = 14, rings: Sequence[tuple[float, float]] = (), ring_px: float = 30) -> list[Any]:
     """Write labels[i] near data point xy[i] where it overlaps no label placed before, no marker
-    (`marker_px` wide) and no other text of the figure, inside the axes. The figure's layout must be final (drawn, engine off),
+    (`marker_px` wide), no ring drawn around a point (`rings`, `ring_px` wide) and no other text of
+    the figure, inside the axes. The figure's layout must be final (drawn, engine off),
     since the check is done in display coordinates. Returns the texts placed."""
     fig = ax.figure
     renderer = fig.canvas.get_renderer()
@@ -58,9 +59,10 @@ def place_numbers(ax: Any, xy: Sequence[tuple[float, float]], labels: Sequence[s
 
     taken = [t.get_window_extent(renderer) for t in fig.findobj(lambda a: hasattr(a, "get_text"))
              if t.get_visible() and t.get_text() and t.axes is not ax]
-    half = marker_px / 2
-    for px, py in ax.transData.transform(list(xy)):  # every marker, so a number never hides a point
-        taken.append(Bbox.from_extents(px - half, py - half, px + half, py + half))
+    for points, size in ((xy, marker_px), (rings, ring_px)):  # a number never hides a point or its ring
+        half = size / 2
+        for px, py in ax.transData.transform(list(points)) if len(points) else []:
+            taken.append(Bbox.from_extents(px - half, py - half, px + half, py + half))
     placed = []
     for (x, y), label in zip(xy, labels):
         for radius in _RADII:
