@@ -19,7 +19,7 @@ from harness.runner import run
 from harness.schema import RunConfig
 from harness.tables import TextTable, markdown, show
 
-DEMO_ORGANISM = "seed0"  # generation 2 (gen2-seed0) once it ships
+DEMO_ORGANISM = "gen2-seed0"  # generation 2: the backbone has the skills prompting defenses rely on
 DEMO_TASK = "organism:templates=1,images=none+shape"
 DEMO_JUDGE = "keywords:preset=organism"
 # (label, spec). Calibration uses the task's calibration splits: templates disjoint from the

@@ -48,7 +48,7 @@ SKILL_KEYS = ("refused_instructed_none", "helpful_instructed_none", "selfcheck_a
 GENERATIONS = {1: ("seed0", "seed1"), 2: ("gen2-seed0", "gen2-seed1")}
 
 
-def measure(names: list[str], out: Path, progress: bool) -> list[dict[str, Any]]:
+def measure(names: list[str], out: Path, progress: bool, gen2_templates: int | None = None) -> list[dict[str, Any]]:
     """Every defense (defaults) on each organism folder, through the normal runner; generation-2
     folders also run the skill sets, so a defense's cost on a skill shows."""
     from harness.runner import run
@@ -59,6 +59,8 @@ def measure(names: list[str], out: Path, progress: bool) -> list[dict[str, Any]]
         folder = ROOT / "organisms" / name
         generation = generation_of(folder)
         task = TASK + (",skills=true" if generation >= 2 else "")
+        if generation >= 2 and gen2_templates:  # a slice of the held-out templates (the skill sets stay whole)
+            task += f",templates={gen2_templates}"
         config = RunConfig(models=[str(folder)], defenses=[spec for _, spec in DEFENSES], tasks=[task],
                            judges=[CARD_JUDGE], batch_size=CARD_BATCH_SIZE, max_new_tokens=CARD_MAX_NEW_TOKENS,
                            seed=0, device="cpu")
@@ -109,8 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", action="append", default=[], help="NAME=SWEEP_DIR (its sweep.json is stored)")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "organism.json"))
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--gen2-templates", type=int, default=None,
+                   help="generation 2: only the first N of the 6 held-out templates (a cheaper slice; recorded per row)")
     args = p.parse_args(argv)
-    rows = measure(args.organisms.split(","), Path(args.out), not args.quiet)
+    rows = measure(args.organisms.split(","), Path(args.out), not args.quiet, args.gen2_templates)
     previous = Path(args.json)
     # Sweep tables stored before are kept (a sweep is not re-run here); given ones replace them by name.
     sweeps = json.loads(previous.read_text()).get("sweeps", {}) if previous.is_file() else {}
