@@ -142,3 +142,14 @@ def test_run_and_matrix_carry_the_three_regimes(tiny_model_path, tmp_path, capsy
     row = next(r for r in table["regimes"] if r["defense"] == "cmrm:level=sample")
     assert row["attack"] == f"pgd:{common}" and row["none"] and row["transfer"] and row["adaptive"]
     assert main(args) == 0  # resumed: nothing regenerated, nothing optimised
+
+
+def test_a_state_fitted_now_and_loaded_from_its_file_give_one_cache_key(backend, tmp_path):
+    """The through-defense built for a cross cell loads the state its own cells fitted: same key, so
+    the adaptive image is optimised once per run."""
+    fresh = install(backend, CMRM)
+    path = fresh.state.save(tmp_path / "cmrm.safetensors")
+    loaded = defenses.build(CMRM)
+    loaded.use_state(loaded.load_state(path), backend)
+    assert loaded.state.manifest != fresh.state.manifest
+    assert store.defense_fingerprint(loaded) == store.defense_fingerprint(fresh)

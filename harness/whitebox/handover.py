@@ -10,7 +10,7 @@ is evaluated), else it is built and calibrated here once per run and kept on the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from harness import calibration
 from harness.contracts.attack import Attack
@@ -18,6 +18,7 @@ from harness.contracts.backend import Backend
 from harness.contracts.defense import Defense, DefenseContext
 from harness.registry import defenses
 from harness.spec import parse_spec
+from harness.store import slug
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,10 @@ class WhiteboxContext:
     progress: bool = False
 
 
-def through_defense(attack: Attack, cell_defense: Defense, backend: Backend, context: DefenseContext) -> Defense | None:
-    """The calibrated defense `attack` optimises through, or None for the undefended model."""
+def through_defense(attack: Attack, cell_defense: Defense, backend: Backend, context: DefenseContext,
+                    run_root: Path | None = None) -> Defense | None:
+    """The calibrated defense `attack` optimises through, or None for the undefended model. A defense
+    built here is calibrated into the folder its own cells use (so it is fitted once per run)."""
     spec = attack.through()
     if spec is None:
         return None
@@ -39,6 +42,8 @@ def through_defense(attack: Attack, cell_defense: Defense, backend: Backend, con
     built: dict[str, Defense] = attack.__dict__.setdefault("_through_built", {})
     if spec not in built:
         defense = defenses.build(spec)
+        if run_root is not None:  # the fitted folder of this (model, defense), as harness.store.Cell names it
+            context = replace(context, cache_dir=Path(run_root) / slug(backend.spec) / slug(spec) / "fitted")
         calibration.prepare(defense, backend, context)
         built[spec] = defense
     return built[spec]
@@ -49,6 +54,6 @@ def prepare_attack(attack: Attack, backend: Backend, cell_defense: Defense, cont
     """Prepare a white-box attack for one cell (no-op for any other attack)."""
     if not attack.needs_model:
         return
-    defense = through_defense(attack, cell_defense, backend, context)
+    defense = through_defense(attack, cell_defense, backend, context, run_root)
     attack.prepare(backend, defense, WhiteboxContext(Path(run_root) / "whitebox", progress))
 

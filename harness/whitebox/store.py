@@ -32,6 +32,8 @@ from harness.errors import DataError
 from harness.whitebox.pixels import from_image, to_image
 
 #: Backend identity fields that change an optimisation's result (not the device or library versions).
+#: Keys a fitted state's manifest gains when it is written to a file (not part of what was fitted).
+FILE_KEYS = ("kind", "format_version")
 MODEL_FIELDS = ("model", "revision", "commit", "folder_hash", "dtype", "model_class", "processor_class")
 
 
@@ -50,6 +52,8 @@ def defense_fingerprint(defense: Any | None) -> dict[str, Any] | None:
         return None
     state = getattr(defense, "state", None) or getattr(defense, "pool", None)
     manifest = getattr(state, "manifest", None)
+    if isinstance(manifest, dict):  # the same state fitted now or loaded from its file (which adds these)
+        manifest = {k: v for k, v in manifest.items() if k not in FILE_KEYS}
     return {"identity": defense.identity(), "state": digest(manifest) if manifest is not None else None}
 
 
