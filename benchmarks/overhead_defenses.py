@@ -17,7 +17,14 @@ pass path and harmful inputs its flagged path, at the cost that path really has:
   benchmark tokenizer; benign: threshold=0 (p_safe < 0 never holds); harmful: threshold=1 and the
   detector's scores (computed as usual) replaced by 0, since its Params allow no threshold above 1;
   the rewrite is capped at the answer's length (`detox_max_new_tokens`);
-- `qguard`: guard=self (the target answers the 35 guard questions), τ = 1e9 / -1e9.
+- `qguard`: guard=self (the target answers the 35 guard questions), τ = 1e9 / -1e9;
+- `coca`: the default (two streams of the batch per token; no decision to force);
+- `refusal_dir`: a direction fitted at an explicit layer (the middle one) and position (-1), without
+  the refusal-score filter (random weights refuse nothing), always added (no gate);
+- `eta`: a reward model at the target's size and a tiny CLIP (CLIP-L/336 is small beside a 7B
+  target; the tiny one understates it); benign: rm_threshold=-1e9 (the first answer is kept after
+  one CLIP and one reward pass); harmful: rm_threshold=1e9 and clip_threshold=-1 (both gates say
+  unsafe: the prefix and sentence-level best-of-5 up to the answer's length).
 
 Specs that differ by input kind are built per kind; a defense is built once per spec (cached), so
 fitted ones (CMRM dataset shifts, ShiftDC direction) are fitted once and loaded helpers kept.
@@ -39,15 +46,17 @@ from harness.defenses.protector_models import Helper
 from harness.registry import defenses
 from harness.schema import Sample
 from harness.tiny.build import TEXT
+from harness.tiny.clip import build_tiny_clip
 from harness.tiny.llamaguard import guard_chat_template
 from harness.tiny.protector import build_tiny_detector, build_tiny_detoxifier
+from harness.tiny.reward import build_tiny_reward_model
 from tasks.demo import BENIGN_REQUESTS, HARMFUL_REQUESTS
 
 ROWS = ("none", "cmrm dataset", "cmrm sample", "shiftdc", "adashield", "ecso",
-        "hiddendetect", "jailguard", "guard", "protector", "qguard")
+        "hiddendetect", "jailguard", "guard", "protector", "qguard", "coca", "refusal_dir", "eta")
 #: Rows the --gpu benchmark cannot time: the helpers are written as float32 folders by the tiny
 #: builders, and two 7B ones (about 28 GB each) do not fit the GPU machine's disk beside the guard.
-CPU_ONLY = ("protector",)
+CPU_ONLY = ("protector", "eta")
 
 
 def calibration() -> dict[str, list[Sample]]:
@@ -154,7 +163,15 @@ class OverheadDefenses:
             # the batch's other inputs); the public code's separate 4B guard (InternVL2.5-4B) would
             # cost differently: a smaller model, but loaded beside the target.
             return f"qguard:guard=self,threshold={tau}", plain
-        specs = {"none": "none", "cmrm sample": "cmrm:level=sample", "adashield": "adashield",
+        if name == "refusal_dir":
+            layer = text_sizes(self.backend)["num_hidden_layers"] // 2
+            return (f"refusal_dir:layer={layer},position=-1,filter=false,apply_to=all",
+                    lambda s: self._fitted(s, ("unsafe", "safe")))
+        if name == "eta":
+            gates = "rm_threshold=1e9,clip_threshold=-1" if harmful else "rm_threshold=-1e9"
+            return (f"eta:clip={self._folder('clip')},reward_model={self._folder('reward')},rm_trust_remote_code=false,"
+                    f"{gates},aligned_max_new_tokens={self.new_tokens},device={device},dtype={dtype}", plain)
+        specs = {"none": "none", "cmrm sample": "cmrm:level=sample", "adashield": "adashield", "coca": "coca",
                  "ecso": f"ecso:caption_max_new_tokens={self.caption_tokens}"}
         return specs[name], plain
 
@@ -172,11 +189,16 @@ class OverheadDefenses:
     def _folder(self, role: str) -> Path:
         """The guard, detector or detoxifier folder, built once."""
         if role not in self.folders:
+            root = Path(tempfile.mkdtemp(prefix=f"realign-bench-{role}-"))
             if role == "guard":
                 self.folders[role] = guard_folder(self.backend)
+            elif role == "clip":
+                self.folders[role] = build_tiny_clip(root / role)
+            elif role == "reward":
+                self.folders[role] = build_tiny_reward_model(root / role, seed=2, text=text_sizes(self.backend),
+                                                             tokenizer=self.helper_tokenizer)
             else:
                 build = build_tiny_detector if role == "detector" else build_tiny_detoxifier
-                root = Path(tempfile.mkdtemp(prefix=f"realign-bench-{role}-"))
                 self.folders[role] = build(root / role, seed=0 if role == "detector" else 1,
                                            text=text_sizes(self.backend), tokenizer=self.helper_tokenizer)
         return self.folders[role]

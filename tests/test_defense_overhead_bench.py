@@ -20,6 +20,7 @@ from harness.defenses.protector_models import Helper  # noqa: E402
 
 FIRST_ROWS = "cmrm dataset,cmrm sample,shiftdc,adashield,ecso"
 NEW_ROWS = "hiddendetect,jailguard,guard,protector,qguard"
+THIRD_ROWS = "coca,refusal_dir,eta"
 
 
 def test_rows_calls_and_partial_results(tiny_backend_for: Callable[[str], Any]) -> None:
@@ -58,6 +59,18 @@ def test_new_rows_take_the_forced_paths(tiny_backend_for: Callable[[str], Any]) 
     assert by[("hiddendetect", "harmful")]["completion_tokens_per_sample"] == 0
     assert "threshold=1e9" in by[("qguard", "benign")]["spec"] and "threshold=-1e9" in by[("qguard", "harmful")]["spec"]
     assert guard_module.first_line("unsafe\nS1") == "unsafe" and Helper.p_safe.__name__ == "p_safe"  # undone
+
+
+def test_decoding_and_steering_rows_take_their_paths(tiny_backend_for: Callable[[str], Any]) -> None:
+    """CoCA runs two streams; the refusal direction is fitted before timing and adds nothing to the
+    calls; ETA keeps the first answer on benign inputs and runs best-of-N on harmful ones."""
+    rows = bench.run(tiny_backend_for("llava"), [2], lambda b: 2, new_tokens=3, caption_tokens=2, repeats=1,
+                     image_size=28, only=bench.parse_only(THIRD_ROWS))
+    by = {(r["defense"], r["inputs"]): r for r in rows}
+    assert by[("coca", "benign")]["model_calls_per_sample"] == 2 == by[("coca", "harmful")]["model_calls_per_sample"]
+    assert by[("refusal_dir", "benign")]["model_calls_per_sample"] == 1
+    assert by[("eta", "benign")]["model_calls_per_sample"] == 1 < by[("eta", "harmful")]["model_calls_per_sample"]
+    assert "rm_threshold=1e9" in by[("eta", "harmful")]["spec"] and "rm_threshold=-1e9" in by[("eta", "benign")]["spec"]
 
 
 def test_only_keeps_the_baseline_and_refuses_unknown_rows(tiny_backend_for: Callable[[str], Any],

@@ -12,6 +12,7 @@ force the outcomes they need with thresholds.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from transformers import LlamaForSequenceClassification
 
@@ -19,9 +20,11 @@ from harness.tiny.protector import _config, _save, _seeded
 from harness.tiny.tokenizer import chat_template, train_tokenizer
 
 
-def build_tiny_reward_model(out_dir: str | Path, seed: int = 0) -> Path:
-    """A tiny random one-output sequence classifier with a chat-template tokenizer (a reward model's shape)."""
-    tokenizer = train_tokenizer([])
-    tokenizer.chat_template = chat_template("")  # text-only conversations: no image placeholder is ever written
-    model = _seeded(LlamaForSequenceClassification, _config(tokenizer, num_labels=1), seed)
-    return _save(model, tokenizer, out_dir, "tiny reward model")
+def build_tiny_reward_model(out_dir: str | Path, seed: int = 0, text: dict[str, int] | None = None,
+                            tokenizer: dict[str, Any] | None = None) -> Path:
+    """A tiny random one-output sequence classifier with a chat-template tokenizer (a reward model's
+    shape). `text` and `tokenizer` resize it as for the protector's helpers (benchmarks)."""
+    tok = train_tokenizer([], **(tokenizer or {}))
+    tok.chat_template = chat_template("")  # text-only conversations: no image placeholder is ever written
+    model = _seeded(LlamaForSequenceClassification, _config(tok, text, num_labels=1), seed)
+    return _save(model, tok, out_dir, "tiny reward model")
