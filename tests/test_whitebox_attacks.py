@@ -82,6 +82,9 @@ def test_a_resumed_optimisation_equals_an_uninterrupted_one(backend, tmp_path, m
         assert b.meta["attack"]["cache"] == "resumed" and a.meta["attack"]["cache"] == "optimised"
         assert torch.equal(from_image(load_image(a.image)), from_image(load_image(b.image)))
         assert a.meta["attack"]["final_loss"] == b.meta["attack"]["final_loss"]
+    if spec.startswith("visual_adv"):  # one universal image, each sample's own request as the text
+        assert len({s.meta["attack"]["image"] for s in resumed}) == 1
+        assert [s.text for s in resumed] == [s.text for s in samples(2)]
 
 
 def test_a_cached_optimisation_is_not_redone(backend, tmp_path, monkeypatch):
