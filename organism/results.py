@@ -91,7 +91,9 @@ def markdown(rows: list[dict[str, Any]], keys: tuple[str, ...] = ("refused_none"
         names = list(dict.fromkeys(r.get("organism", f"seed{r['seed']}") for r in mine))
         by = {(r["defense"], r.get("organism", f"seed{r['seed']}")): r for r in mine}
         cols = [k for k in keys if any(k in r for r in mine)]
-        out += [f"Generation {generation} ({' / '.join(names)}); full held-out test split; {CARD_JUDGE}.", "",
+        sliced = sorted({t.split("templates=")[1].split(",")[0] for t in (r.get("task", "") for r in mine) if "templates=" in t})
+        split = f"templates={'+'.join(sliced)} of the held-out test split" if sliced else "full held-out test split"
+        out += [f"Generation {generation} ({' / '.join(names)}); {split}; {CARD_JUDGE}.", "",
                 "| " + " | ".join(["defense", *(heads.get(k, k) for k in cols)]) + " |", "|" + "---|" * (len(cols) + 1)]
         for label, _ in DEFENSES:
             cells = [label]
