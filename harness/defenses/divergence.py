@@ -28,9 +28,7 @@ that model answers.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,10 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
-from safetensors.numpy import load_file, save_file
 
 from harness.contracts.backend import Backend
+from harness.defenses.state_file import read_state, write_state
 from harness.defenses.thresholds import backend_key, key_mismatch
 from harness.errors import DataError
 
@@ -148,30 +145,12 @@ class ThetaState:
         return cls(np.asarray(divergences, dtype=np.float64), {**manifest, "target": backend_key(backend)})
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        manifest = {**self.manifest, "kind": THETA_KIND}
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        save_file({"divergences": self.divergences}, str(tmp), metadata={"manifest": json.dumps(manifest, sort_keys=True)})
-        os.replace(tmp, path)
-        path.with_name(path.name + ".json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        return path
+        return write_state(path, {"divergences": self.divergences}, {**self.manifest, "kind": THETA_KIND})
 
     @classmethod
     def load(cls, path: str | Path) -> ThetaState:
-        path = Path(path)
-        if path.name.endswith(".json"):  # the human-readable sidecar names the same state
-            path = path.with_name(path.name[: -len(".json")])
-        if not path.exists():
-            raise DataError(f"jailguard theta file {path} does not exist (make one with `realign fit --defense "
-                            "jailguard:calibration=TASK_SPEC ...`)")
-        try:
-            with safe_open(str(path), framework="numpy") as fh:
-                meta = fh.metadata() or {}
-            tensors = load_file(str(path))
-            manifest = json.loads(meta.get("manifest", "{}"))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise DataError(f"jailguard theta file {path} is unreadable: {exc}") from None
+        path, tensors, manifest = read_state(path, "jailguard theta file",
+                                             "`realign fit --defense jailguard:calibration=TASK_SPEC ...`")
         if manifest.get("kind") != THETA_KIND or "divergences" not in tensors or "theta" not in manifest:
             raise DataError(f"{path} is not a jailguard theta file (kind {manifest.get('kind')!r})")
         return cls(tensors["divergences"], manifest)

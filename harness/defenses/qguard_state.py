@@ -18,17 +18,14 @@ and beside it as `<file>.json`, written like every other fitted state.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
-from safetensors.numpy import load_file, save_file
 
 from harness.contracts.backend import Backend
+from harness.defenses.state_file import read_state, write_state
 from harness.defenses.thresholds import backend_key, key_mismatch, threshold_at_fpr
 from harness.errors import DataError
 
@@ -44,32 +41,13 @@ class QGuardState:
     manifest: dict[str, Any]
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        manifest = {**self.manifest, "kind": KIND}
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         tensors = {f"risks_{role}": np.ascontiguousarray(r, dtype=np.float64) for role, r in self.risks.items()}
-        save_file(tensors, str(tmp), metadata={"manifest": json.dumps(manifest, sort_keys=True)})
-        os.replace(tmp, path)
-        path.with_name(path.name + ".json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n",
-                                                       encoding="utf-8")
-        return path
+        return write_state(path, tensors, {**self.manifest, "kind": KIND})
 
     @classmethod
     def load(cls, path: str | Path) -> QGuardState:
-        path = Path(path).expanduser()
-        if path.name.endswith(".json"):  # the human-readable sidecar names the same state
-            path = path.with_name(path.name[: -len(".json")])
-        if not path.exists():
-            raise DataError(f"qguard threshold file {path} does not exist (make one with `realign fit --defense "
-                            "qguard:guard=...,calibration=TASK_SPEC ...`)")
-        try:
-            with safe_open(str(path), framework="numpy") as fh:
-                meta = fh.metadata() or {}
-            tensors = load_file(str(path))
-            manifest = json.loads(meta.get("manifest", "{}"))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise DataError(f"qguard threshold file {path} is unreadable: {exc}") from None
+        path, tensors, manifest = read_state(path, "qguard threshold file",
+                                             "`realign fit --defense qguard:guard=...,calibration=TASK_SPEC ...`")
         if manifest.get("kind") != KIND or "risks_benign" not in tensors or "guard" not in manifest:
             raise DataError(f"{path} is not a qguard threshold file (kind {manifest.get('kind')!r})")
         return cls({k.removeprefix("risks_"): v.astype(np.float64) for k, v in tensors.items()}, manifest)
