@@ -4,12 +4,11 @@ direction, the decoding prompt's contents, and what is recorded."""
 
 from __future__ import annotations
 
-import sys
-
 import base64
 import hashlib
 import json
 import re
+import sys
 import textwrap
 from pathlib import Path
 
