@@ -25,11 +25,14 @@ from harness.whitebox import store
 from harness.whitebox.objectives import Plain, objective_for
 from harness.whitebox.pgd import Budget
 from harness.whitebox.pixels import Pipeline, from_image
-from harness.whitebox.status import regime, status_of, through_spec
+from harness.whitebox.status import regime, status_for, through_spec
 
 FILLS = {"gray": 128, "white": 255, "black": 0}
 #: Parameters that do not change an optimisation's result (left out of the cache key).
 NOT_IN_KEY = ("cache", "checkpoint_every")
+#: Settings of one through-defense's loss: they do not change a transfer optimisation, so they are
+#: left out of the `family` that pairs transfer and adaptive runs (and seeds their random starts).
+THROUGH_SETTINGS = ("refresh", "hd_weight", "hd_margin", "eot", "qg_weight", "qg_margin")
 
 
 @dataclass
@@ -46,6 +49,9 @@ class WhiteboxParams:
     refresh: int = 10  # ShiftDC: steps between caption refreshes (BPDA)
     hd_weight: float = 10.0  # HiddenDetect: weight of relu(S - tau + hd_margin)
     hd_margin: float = 0.0
+    eot: int = 8  # JailGuard: mutated copies per step (expectation over transformations), plus the original
+    qg_weight: float = 100.0  # QGuard (guard=self): weight of relu(risk - tau + qg_margin)
+    qg_margin: float = 0.0
     cache: str | None = None  # where optimisations are cached (default: <run>/whitebox)
 
     def __post_init__(self) -> None:
@@ -53,8 +59,10 @@ class WhiteboxParams:
             raise ValueError("eps is in 8-bit units, 1..255 (255: unconstrained)")
         if self.step < 1 or self.steps < 1 or self.checkpoint_every < 1 or self.refresh < 1:
             raise ValueError("step, steps, checkpoint_every and refresh must be at least 1")
-        if self.hd_weight < 0:
-            raise ValueError("hd_weight must be >= 0")
+        if self.hd_weight < 0 or self.qg_weight < 0:
+            raise ValueError("hd_weight and qg_weight must be >= 0")
+        if self.eot < 1:
+            raise ValueError(f"eot is the number of mutated copies per step, at least 1 (got {self.eot})")
         through_spec(self.through)  # refuses a transfer-only defense, with the reason
 
 
@@ -78,7 +86,7 @@ class WhiteboxAttack(Attack):
 
     def prepare(self, backend: Any, defense: Any | None, context: Any) -> None:
         if self.objective is None or self.backend is not backend or self.defense is not defense:
-            settings = {k: getattr(self.params, k) for k in ("refresh", "hd_weight", "hd_margin")}
+            settings = {k: getattr(self.params, k) for k in THROUGH_SETTINGS}
             self.objective = objective_for(backend, defense, settings)
         self.backend, self.defense, self.context = backend, defense, context
 
@@ -93,21 +101,21 @@ class WhiteboxAttack(Attack):
 
     # ---- what results record ------------------------------------------------------------------------
     def family(self) -> str:
-        """The spec without `through=` and `cache=`: what transfer and adaptive runs of one attack share
-        (their random starts are drawn from it, and the report pairs regimes by it)."""
+        """The spec without `through=`, `cache=` and the through-defense's loss settings: what transfer and
+        adaptive runs of one attack share (their random starts are drawn from it, and the report pairs
+        regimes by it)."""
         spec = parse_spec(self.spec or getattr(type(self), "registered_name", "whitebox"))
-        kept = [(k, v) for k, v in spec.params if k not in ("through", "cache")]
+        kept = [(k, v) for k, v in spec.params if k not in ("through", "cache", *THROUGH_SETTINGS)]
         return str(dataclasses.replace(spec, params=tuple(kept)))
 
     def identity(self) -> dict[str, Any]:
-        status, how = status_of(parse_spec(self._through).name) if self._through else ("differentiable", "undefended")
+        status, how = status_for(self._through) if self._through else ("differentiable", "undefended")
         return {"spec": self.spec, "params": dataclasses.asdict(self.params), "family": self.family(),
                 "through": self._through, "through_status": status, "through_how": how,
                 "budget": self.budget().record()}
 
     def cell_identity(self, defense_spec: str) -> dict[str, Any]:
-        name = parse_spec(defense_spec).name
-        status, how = status_of(name)
+        status, how = status_for(defense_spec)
         return {**self.identity(), "regime": regime(self._through, defense_spec),
                 "evaluated_defense": {"spec": defense_spec, "whitebox_status": status, "how": how}}
 

@@ -112,7 +112,8 @@ def test_transfer_and_adaptive_images_differ(backend, tmp_path):
 
 def test_every_defense_has_a_stated_status_and_transfer_only_ones_are_refused():
     assert set(defenses.names()) <= set(STATUS)
-    for spec in ("pgd:through=ecso", "visual_adv:through=jailguard", "pgd:through=adashield:mode=adaptive"):
+    for spec in ("pgd:through=ecso", "visual_adv:through=jailguard:mode=text", "pgd:through=adashield:mode=adaptive",
+                 "pgd:through=qguard"):
         with pytest.raises(SpecError, match="transfer-only"):
             attacks.build(spec)
 

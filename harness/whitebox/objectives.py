@@ -10,7 +10,11 @@ attacker optimises against exactly what the run evaluates:
     forward, the caption side h(q + caption) is a constant refreshed every `refresh` steps (BPDA);
   - `RefusalDirLoss`: alpha*r at the block inputs (actadd); the gate is evaluated, not differentiated;
   - `HiddenDetectLoss`: the target loss on the unflagged path plus weight*relu(S - tau + margin);
-  - `Prompted`: AdaShield-S, its prompt placed in the text.
+  - `Prompted`: AdaShield-S, its prompt placed in the text;
+  - `JailGuardEOT`: the target loss averaged over the unmutated image and `eot` copies under fresh
+    draws of JailGuard's image mutations, in torch (`eot`);
+  - `QGuardLoss` (guard=self): the target loss on the unflagged path plus
+    weight*relu(risk - tau + margin), P(yes) from the target's own logits (`qguard_risk`).
 """
 
 from __future__ import annotations
@@ -23,15 +27,18 @@ from PIL import Image
 from harness.contracts.backend import user_request
 from harness.defenses.hiddendetect_state import band_score, layer_cosines
 from harness.defenses.prompts import place_prompt
+from harness.defenses.qguard import FRAME
+from harness.defenses.qguard_state import SELF
 from harness.defenses.refusal_dir import gate_factors
 from harness.defenses.shiftdc import TEXT_WITH_CAPTION
 from harness.errors import CapabilityError
 from harness.models import hf_directions
 from harness.models.hf_scoring import final_norm
 from harness.schema import Sample
-from harness.whitebox import hooks, teacher
+from harness.whitebox import eot, hooks, teacher
 from harness.whitebox.pixels import Pipeline, to_image
-from harness.whitebox.status import status_of
+from harness.whitebox.qguard_risk import TorchRisk
+from harness.whitebox.status import status_for, status_of
 
 
 class Plain:
@@ -44,6 +51,15 @@ class Plain:
         self.pipeline = Pipeline.for_backend(backend)
         self.model = backend.model
         self._state: dict[int, dict[str, Any]] = {}
+        self.item_seeds: list[int] = []
+
+    def seed_items(self, seeds: list[int]) -> None:
+        """Each image's own seed (pgd.optimise sets them before `begin`): per-step draws of an
+        objective come from it and the step, so a resumed optimisation draws the same."""
+        self.item_seeds = list(seeds)
+
+    def item_seed(self, index: int) -> int:
+        return self.item_seeds[index] if index < len(self.item_seeds) else index
 
     # ---- what subclasses override -----------------------------------------------------------
     def text(self, text: str) -> str:
@@ -78,7 +94,7 @@ class Plain:
             self._state[index] = dict(state)
 
     def identity(self) -> dict[str, Any]:
-        status, how = status_of(self.name)
+        status, how = status_of(self.name) if self.defense is None else status_for(self.defense.spec)
         return {"through": None if self.defense is None else self.defense.spec, "status": status, "how": how,
                 "processor": self.pipeline.processor, "size": list(self.pipeline.size)}
 
@@ -202,8 +218,89 @@ class Prompted(Plain):
         return place_prompt(text, self.defense.prompt, self.defense.params.placement)
 
 
+class JailGuardEOT(Plain):
+    """JailGuard by expectation over transformations: each row's loss is the mean over the unmutated
+    image (the input JailGuard answers and returns) and `eot` copies under fresh draws of its image
+    mutations, so every variant is pushed to the same target answer (no divergence to flag)."""
+
+    name = "jailguard"
+
+    def __init__(self, backend: Any, defense: Any, settings: dict[str, Any]) -> None:
+        super().__init__(backend, defense, settings)
+        if defense.params.mode != "image":
+            raise CapabilityError("jailguard mode=text|both is transfer-only for white-box attacks "
+                                  "(the EOT loss covers its image mutations only)")
+        self.k = int(settings.get("eot", 8))
+        self.draws: dict[int, list[dict[str, Any]]] = {}
+
+    def refresh(self, steps: dict[int, int], texts: list[str], u: torch.Tensor) -> None:
+        self.draws = {i: eot.draws(self.item_seed(i), step, self.k) for i, step in steps.items()}
+
+    def copies(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """[x, then copy c of every image under its c-th draw] (an image without draws stays as is)."""
+        return [x] + [torch.stack([eot.apply(x[i], self.draws[i][c]) if i in self.draws else x[i]
+                                   for i in range(len(x))]) for c in range(self.k)]
+
+    def losses(self, x: torch.Tensor, batch: teacher.TeacherBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        copies = self.copies(x)
+        tiled = teacher.tile(batch, len(copies), len(x))
+        logits, extra = self.logits(tiled, self.pipeline(torch.cat(copies)))
+        per_copy = (teacher.row_losses(logits, tiled) + extra).view(len(copies), -1)
+        return per_copy.mean(0), extra.view(len(copies), -1).mean(0)
+
+    def identity(self) -> dict[str, Any]:
+        return {**super().identity(), "eot": self.k, "eot_copies": "the unmutated image + eot mutated copies"}
+
+
+class QGuardLoss(Plain):
+    """QGuard asked by the target itself: the answer path is the undefended model's, and the risk
+    from the guard questions' P(yes) (the target's next-token logits) must stay under tau."""
+
+    name = "qguard"
+
+    def __init__(self, backend: Any, defense: Any, settings: dict[str, Any]) -> None:
+        super().__init__(backend, defense, settings)
+        if defense.guard_spec != SELF:
+            raise CapabilityError(f"qguard with guard={defense.guard_spec} is transfer-only for white-box attacks "
+                                  "(only guard=self, the target as its own guard, is differentiated)")
+        p = defense.params
+        self.flat = [q for _, q in defense.questions.flat()]
+        self.risk = TorchRisk(defense.questions.groups, p.group_coupling, p.question_coupling, p.damping)
+        yes, no = defense.variants(backend)
+        ids = [int(i) for i in backend.token_ids(yes + no)]
+        self.yes_ids, self.no_ids = ids[: len(yes)], ids[len(yes) :]
+        self.weight, self.margin = float(settings.get("qg_weight", 100.0)), float(settings.get("qg_margin", 0.0))
+        self._asked: tuple[tuple[int, ...], teacher.TeacherBatch] | None = None
+
+    def begin(self, texts: list[str], u: torch.Tensor) -> None:
+        self.texts, self._asked = texts, None
+
+    def questions(self, owners: tuple[int, ...]) -> teacher.TeacherBatch:
+        """Every guard question about each owner's input, worded as QGuard asks it (cached per owners)."""
+        if self._asked is None or self._asked[0] != owners:
+            rows = [teacher.Row(i, FRAME.format(question=q, prompt=self.texts[i]), (self.yes_ids[0],))
+                    for i in owners for q in self.flat]
+            self._asked = (owners, teacher.build(self.backend, rows, placeholder(self.pipeline)))
+        return self._asked[1]
+
+    def p_yes(self, owners: tuple[int, ...], pixel_values: torch.Tensor) -> torch.Tensor:
+        """[owners, questions] P(yes) = softmax(logsumexp(yes variants), logsumexp(no variants))[0]."""
+        logits = teacher.forward(self.model, self.questions(owners), pixel_values)[:, 0]
+        logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        margin = torch.logsumexp(logp[:, self.yes_ids], -1) - torch.logsumexp(logp[:, self.no_ids], -1)
+        return torch.sigmoid(margin).view(len(owners), len(self.flat))
+
+    def logits(self, batch: teacher.TeacherBatch, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, _ = super().logits(batch, pixel_values)
+        owners = tuple(sorted(set(batch.owner.tolist())))
+        risk = self.risk(self.p_yes(owners, pixel_values))  # [owners]
+        where = torch.tensor([owners.index(int(o)) for o in batch.owner.tolist()], device=risk.device)
+        penalty = self.weight * torch.relu(risk[where] - self.defense.current_tau() + self.margin)
+        return logits, penalty.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 OBJECTIVES: dict[str, type[Plain]] = {c.name: c for c in (Plain, Steered, ShiftDCLoss, RefusalDirLoss,
-                                                         HiddenDetectLoss, Prompted)}
+                                                         HiddenDetectLoss, Prompted, JailGuardEOT, QGuardLoss)}
 
 
 def objective_for(backend: Any, defense: Any | None, settings: dict[str, Any]) -> Plain:

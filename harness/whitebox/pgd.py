@@ -93,6 +93,7 @@ def optimise(objective: Plain, items: list[Item], budget: Budget, progress: bool
     texts = [it.text for it in items]
     u = torch.stack([it.u for it in items])  # type: ignore[misc]
     u0 = torch.stack([it.u0.to(torch.int16) for it in items])
+    objective.seed_items([it.seed for it in items])
     objective.begin(texts, u)
     for i, it in enumerate(items):
         ck = it.entry.load_checkpoint() if it.resumed_from else None

@@ -5,7 +5,11 @@ is refused before anything loads), by each result's identity and by the README. 
 ones the adaptive-attack literature gives (Athalye et al. 2018, Tramèr et al. 2020): a defense whose
 decision is a sampled generation, a random mutation or a separate classifier cannot be written as one
 differentiable loss here, so it is evaluated against transfer attacks only (optimised on the
-undefended model, `through=none`) and says so.
+undefended model, `through=none`) and says so. Two detectors are made adaptive in the ways that
+literature prescribes: JailGuard's random mutations by expectation over transformations (EOT), and
+QGuard asked by the target itself (guard=self) by adding its risk to the loss, as Carlini & Wagner
+added detectors. Some statuses depend on the defense's parameters (`status_for`): AdaShield's
+retrieval mode, JailGuard's text mutations and QGuard's separate guard model stay transfer-only.
 """
 
 from __future__ import annotations
@@ -31,12 +35,16 @@ STATUS: dict[str, tuple[Status, str]] = {
                                     "adaptive mode's CLIP retrieval is transfer-only)"),
     "ecso": ("transfer-only", "its answer, self-check and caption are generated text (no gradient through "
                               "sampling); BPDA on the self-check is not implemented"),
-    "jailguard": ("transfer-only", "random image/text mutations and answer divergence; EOT over its "
-                                   "mutations is not implemented"),
+    "jailguard": ("differentiable", ("EOT: the target loss averaged over the unmutated image and `eot` (8) fresh "
+                                     "seeded draws of its image mutations per step, reimplemented in torch (rotation "
+                                     "exact; blur exact but for its 8-bit rounding and posterize, both passed "
+                                     "straight through); mode=image only")),
     "eta": ("transfer-only", "CLIP and reward-model evaluation with best-of-N sampling"),
     "guard": ("transfer-only", "a separate guard classifier's generated verdict"),
     "protector": ("transfer-only", "a separate harm detector and a generated detoxification"),
-    "qguard": ("transfer-only", "guard questions answered by generation and a graph score; not differentiated"),
+    "qguard": ("differentiable", ("guard=self only: extra loss term qg_weight*relu(risk - tau + qg_margin), the "
+                                  "guard questions' P(yes) read from the target's own logits and the PageRank risk "
+                                  "solved in torch; the target loss is on the undefended answer path")),
     "coca": ("transfer-only", "contrasted logits at every decoding step; not implemented as a loss here"),
 }
 
@@ -46,6 +54,28 @@ def status_of(defense_name: str) -> tuple[Status, str]:
     return STATUS.get(defense_name, ("transfer-only", "not known to harness.whitebox: no adaptive loss"))
 
 
+#: (defense, parameter, its default, the values the adaptive loss handles, why another is not).
+#: QGuard's default guard is a separate model (None: the default is not handled).
+BY_PARAMETER: tuple[tuple[str, str, str | None, tuple[str, ...], str], ...] = (
+    ("adashield", "mode", "static", ("static",), "AdaShield-A's CLIP retrieval is not differentiated"),
+    ("jailguard", "mode", "image", ("image",), ("its text mutations are discrete edits of the prompt; the EOT loss "
+                                                "covers mode=image only")),
+    ("qguard", "guard", None, ("self",), ("with a separate guard model its P(yes) comes from another model's "
+                                          "forward, which the attack does not run; only guard=self is differentiated")),
+)
+
+
+def status_for(defense_spec: str) -> tuple[Status, str]:
+    """The status of one defense spec: its name's (`status_of`), unless a parameter value the adaptive
+    loss does not handle makes it transfer-only (BY_PARAMETER)."""
+    spec = parse_spec(defense_spec)
+    given = spec.as_dict()
+    for name, key, default, handled, why in BY_PARAMETER:
+        if spec.name == name and (given[key].strip() if key in given else default) not in handled:
+            return "transfer-only", why
+    return status_of(spec.name)
+
+
 def through_spec(value: str) -> str | None:
     """The defense spec `through=` names (`;` stands for `,` inside it), normalised, or None for
     `none` (transfer). Refuses a transfer-only defense with the reason."""
@@ -53,9 +83,7 @@ def through_spec(value: str) -> str | None:
     if text in ("", "none"):
         return None
     spec = parse_spec(text.replace(";", ","))
-    status, why = status_of(spec.name)
-    if spec.name == "adashield" and spec.as_dict().get("mode", "static") != "static":
-        status, why = "transfer-only", "AdaShield-A's CLIP retrieval is not differentiated"
+    status, why = status_for(str(spec))
     if status != "differentiable":
         raise SpecError(f"through={spec.name}: {spec.name} is transfer-only for white-box attacks ({why}); "
                         f"optimise with through=none and evaluate it under --defense {spec.name}")

@@ -100,6 +100,15 @@ def build(backend: Any, rows: list[Row], placeholder: Image.Image) -> TeacherBat
                         torch.tensor([r.owner for r in rows], device=ids.device))
 
 
+def tile(batch: TeacherBatch, copies: int, images: int) -> TeacherBatch:
+    """The batch repeated `copies` times, copy c's rows owned by image c * images + owner: the rows
+    of an expectation over transformations, scored on `copies` stacked versions of the images."""
+    owner = torch.cat([batch.owner + c * images for c in range(copies)])
+    rows = [Row(int(o), r.text, r.target, r.kind) for o, r in zip(owner.tolist(), batch.rows * copies)]
+    return TeacherBatch(rows, batch.input_ids.repeat(copies, 1), batch.attention_mask.repeat(copies, 1),
+                        batch.prompt_len, batch.target_mask.repeat(copies, 1), batch.target_ids.repeat(copies, 1), owner)
+
+
 def _messages(text: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
 
