@@ -1,6 +1,6 @@
 """White-box attacks as attack components: the budget holds exactly after saving and reloading, a
 resumed optimisation equals an uninterrupted one, a cached one is not redone, transfer and adaptive
-images differ, transfer-only defenses and unsupported processors are refused with the reason, and
+images differ, transfer-only defenses are refused with the reason, and
 `realign run` / `report --matrix` carry the three regimes."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import tests.attack_fixtures  # noqa: F401  (registers tiny-harm-test)
 from harness.cli import main
 from harness.contracts.backend import user_request
-from harness.errors import CapabilityError, DataError
+from harness.errors import DataError
 from harness.images import load_image
 from harness.registry import attacks, defenses
 from harness.spec import SpecError
@@ -49,7 +49,7 @@ def test_the_budget_and_pixel_range_hold_exactly_after_saving_and_reloading(back
         assert image.size == (28, 28) and int(u.min()) >= 0 and int(u.max()) <= 255
         assert int((u - u0).abs().max()) == rec["linf"] <= 3 and rec["eps"] == 3 and rec["steps"] == 4
         sent = backend.encode([user_request("x", image)])
-        assert torch.allclose(sent["pixel_values"][0], pipe(u.unsqueeze(0).float() / 255)[0], atol=1e-6)
+        assert torch.allclose(sent["pixel_values"][0], pipe(u.unsqueeze(0).float() / 255).values[0], atol=1e-6)
         assert s.meta["query"] == clean.text and s.text == clean.text and rec["target"] == ["Sure, here"]
     entry = store.Entry(Path(out[0].meta["attack"]["image"]).parent, "", {})
     tampered = from_image(load_image(out[0].image))
@@ -116,12 +116,6 @@ def test_every_defense_has_a_stated_status_and_transfer_only_ones_are_refused():
                  "pgd:through=qguard"):
         with pytest.raises(SpecError, match="transfer-only"):
             attacks.build(spec)
-
-
-@pytest.mark.parametrize("arch", ["qwen2_vl", "idefics3"])
-def test_unsupported_processors_are_refused_by_name(tiny_backend_for, arch):
-    with pytest.raises(CapabilityError, match="not supported"):
-        Pipeline.for_backend(tiny_backend_for(arch))
 
 
 def test_run_and_matrix_carry_the_three_regimes(tiny_model_path, tmp_path, capsys):

@@ -85,8 +85,28 @@ def project(u: torch.Tensor, u0: torch.Tensor, eps: int) -> torch.Tensor:
 
 def optimise(objective: Plain, items: list[Item], budget: Budget, progress: bool = False,
              desc: str = "white-box") -> list[dict[str, Any]]:
-    """Optimise every item (all in one batch of rows per step); return their records. Items resume
-    from their checkpoints; each is saved (and re-verified) as soon as it reaches `budget.steps`."""
+    """Optimise every item and return their records in order: one batch per image geometry (a
+    Qwen2-VL image keeps its own aspect; every other family has one), the objective's pipeline
+    set to that geometry meanwhile."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, it in enumerate(items):
+        groups.setdefault((int(it.u0.shape[-2]), int(it.u0.shape[-1])), []).append(i)
+    records: list[dict[str, Any]] = [{} for _ in items]
+    default = objective.pipeline
+    try:
+        for size, idx in groups.items():
+            objective.pipeline = default.at(size)
+            for i, record in zip(idx, _optimise_batch(objective, [items[i] for i in idx], budget, progress, desc)):
+                records[i] = record
+    finally:
+        objective.pipeline = default
+    return records
+
+
+def _optimise_batch(objective: Plain, items: list[Item], budget: Budget, progress: bool = False,
+                    desc: str = "white-box") -> list[dict[str, Any]]:
+    """Optimise items of one geometry (all in one batch of rows per step); return their records. Items
+    resume from their checkpoints; each is saved (and re-verified) as soon as it reaches `budget.steps`."""
     began = time.perf_counter()
     for item in items:
         start(item, budget)

@@ -15,7 +15,7 @@ attack has one or two rows per image (target and refusal), a universal one many 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -23,6 +23,7 @@ from PIL import Image
 
 from harness.contracts.backend import user_request
 from harness.errors import CapabilityError
+from harness.whitebox.pixels import Pixels
 
 Kind = Literal["target", "refusal"]
 
@@ -44,6 +45,9 @@ class TeacherBatch:
     target_mask: torch.Tensor  # [R, T] 1 where a target token is
     target_ids: torch.Tensor  # [R, T]
     owner: torch.Tensor  # [R]
+    #: per-token tensors [R, P + T] the processor sends beside the ids (Qwen2-VL's mm_token_type_ids),
+    #: 0 over the target (text)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def seq_len(self) -> int:
@@ -96,8 +100,10 @@ def build(backend: Any, rows: list[Row], placeholder: Image.Image) -> TeacherBat
         tgt[i, : len(x)] = torch.tensor(x, dtype=ids.dtype)
         tmask[i, : len(x)] = 1
     tgt, tmask = tgt.to(ids.device), tmask.to(ids.device)
+    extras = {k: torch.cat([v, torch.zeros((len(rows), t), dtype=v.dtype, device=v.device)], 1)
+              for k, v in enc.items() if k not in ("input_ids", "attention_mask") and v.shape == ids.shape}
     return TeacherBatch(rows, torch.cat([ids, tgt], 1), torch.cat([mask, tmask], 1), int(ids.shape[1]), tmask, tgt,
-                        torch.tensor([r.owner for r in rows], device=ids.device))
+                        torch.tensor([r.owner for r in rows], device=ids.device), extras)
 
 
 def tile(batch: TeacherBatch, copies: int, images: int) -> TeacherBatch:
@@ -106,25 +112,29 @@ def tile(batch: TeacherBatch, copies: int, images: int) -> TeacherBatch:
     owner = torch.cat([batch.owner + c * images for c in range(copies)])
     rows = [Row(int(o), r.text, r.target, r.kind) for o, r in zip(owner.tolist(), batch.rows * copies)]
     return TeacherBatch(rows, batch.input_ids.repeat(copies, 1), batch.attention_mask.repeat(copies, 1),
-                        batch.prompt_len, batch.target_mask.repeat(copies, 1), batch.target_ids.repeat(copies, 1), owner)
+                        batch.prompt_len, batch.target_mask.repeat(copies, 1), batch.target_ids.repeat(copies, 1), owner,
+                        {k: v.repeat(copies, 1) for k, v in batch.extras.items()})
 
 
 def _messages(text: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
 
 
-def forward(model: Any, batch: TeacherBatch, pixel_values: torch.Tensor) -> torch.Tensor:
+def forward(model: Any, batch: TeacherBatch, pixels: Pixels) -> torch.Tensor:
     """Logits [R, T, vocab] predicting each target token (the positions P-1 .. P+T-2), with the
-    pixel values [images, 3, H, W] of each row's owner; position ids follow the attention mask, as
-    in generation."""
+    image inputs of each row's owner (`Pixels.for_rows`) and the batch's per-token extras. Position
+    ids follow the attention mask, as in generation; a model with multimodal rotary positions
+    (`get_rope_index`: Qwen2-VL) derives its own from the ids, mask and image grid, as its
+    generation does."""
     mask = batch.attention_mask
-    position_ids = (mask.long().cumsum(-1) - 1).clamp_min(0)
     t = batch.target_ids.shape[1]
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = dict(batch.extras)
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         extra["logits_to_keep"] = t + 1
-    out = model(input_ids=batch.input_ids, attention_mask=mask, position_ids=position_ids,
-                pixel_values=pixel_values[batch.owner].to(model.dtype), use_cache=False, **extra)
+    if not callable(getattr(getattr(model, "model", None), "get_rope_index", None)):
+        extra["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids=batch.input_ids, attention_mask=mask, use_cache=False,
+                **pixels.for_rows(batch.owner, model.dtype), **extra)
     logits = out.logits
     return logits[:, -(t + 1) : -1, :]
 
