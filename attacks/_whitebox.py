@@ -99,6 +99,11 @@ class WhiteboxAttack(Attack):
     def apply(self, sample: Any, seed: int) -> Any:
         return self.apply_batch([sample], seed)[0]
 
+    def cost(self) -> str:
+        extra = "" if self._through is None else ", plus the defense's own forwards in each pass"
+        return (f"{self.params.steps} optimisation passes (forward and backward through the evaluated model) per "
+                f"batch of samples{extra}; cached and reused per model, defense, sample and budget")
+
     # ---- what results record ------------------------------------------------------------------------
     def family(self) -> str:
         """The spec without `through=`, `cache=` and the through-defense's loss settings: what transfer and

@@ -67,6 +67,11 @@ class VisualAdv(WhiteboxAttack):
         self.corpus, self.corpus_sha = load_corpus(params.corpus_file)
         self.record: dict[str, Any] | None = None
 
+    def cost(self) -> str:
+        return (f"{self.params.steps} optimisation passes (forward and backward through the evaluated model, "
+                f"{self.params.targets_per_step} corpus targets each) once per model and defense: one universal image, "
+                "cached and reused for every sample")
+
     def identity(self) -> dict[str, Any]:
         return {**super().identity(), "corpus_sha256": self.corpus_sha, "corpus_lines": len(self.corpus),
                 "corpus": self.params.corpus_file or "bundled harmless affirmative corpus"}

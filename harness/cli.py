@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack", action="extend", nargs="+", default=None,
                    help="attack spec applied to attackable tasks (default: none, the tasks as released)")
     p.add_argument("--out", required=True, help="run directory (resumed if it holds the same configuration)")
+    p.add_argument("--order", choices=("length", "task"), default="length",
+                   help="generation order of pending samples: longest prompts first in similar-length batches "
+                        "(default), or the task's own order; outputs are the same either way")
     _add_generation_options(p)
 
     p = sub.add_parser("fit", help="precompute defense state: CMRM shift vectors, ShiftDC safety directions")
@@ -149,6 +152,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         attacks=args.attack or ["none"],
+        order=args.order,
     )
     records = [r.to_json() for r in run(config, args.out, progress=not args.quiet, retry_errors=args.retry_errors)]
     if not is_main():  # a data-parallel run: rank 0 alone reports
@@ -195,19 +199,20 @@ def cmd_list(args: argparse.Namespace) -> int:
         for entry in REGISTRIES[kind].entries():
             print(f"  {entry.name:<16} {entry.summary}")
             if kind == "attacks":  # what the attack itself costs, beside the evaluated model's answer
-                print(f"      (model calls of its own per sample, default parameters: {_attack_calls(entry)})")
+                print(f"      (cost with default parameters: {_attack_cost(entry)})")
             for name, tp, default in describe_params(entry.cls.Params):
                 print(f"      {name}: {tp} = {default}")
     return 0
 
 
-def _attack_calls(entry: Any) -> int:
-    """Helper-model calls an attack makes per sample with its defaults (attacks load models lazily,
-    so building one is cheap); the class's declaration if it cannot be built without parameters."""
+def _attack_cost(entry: Any) -> str:
+    """What an attack costs with its defaults: helper-model calls per sample, or a white-box attack's
+    optimisation passes (attacks load models lazily, so building one is cheap); the class's declared
+    calls if it cannot be built without parameters."""
     try:
-        return int(REGISTRIES["attacks"].build(entry.name).calls_per_sample)
+        return str(REGISTRIES["attacks"].build(entry.name).cost())
     except Exception:  # noqa: BLE001 - listing must never fail on one component
-        return int(getattr(entry.cls, "calls_per_sample", 0))
+        return f"{int(getattr(entry.cls, 'calls_per_sample', 0))} model calls of its own per sample"
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -223,6 +228,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(render(records, args.format))
     else:
         show(report_tables(records, args.detail))
+        from harness.analysis.regimes import summary
+
+        if text := summary(records):
+            print(text)
     if args.plot:
         from harness.analysis.plot import plot_run
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harness import calibration
+from harness.batching import ordered, prefetched, prepare
 from harness.contracts.attack import Attack
 from harness.contracts.backend import Backend, GenerationParams
 from harness.contracts.defense import Defense, DefenseContext
@@ -28,7 +29,7 @@ from harness.models.resolve import resolve_backend
 from harness.progress import RunProgress, cell_label
 from harness.provenance import git_commit, host_info, package_versions
 from harness.registry import attacks, defenses, judges, tasks
-from harness.samples import load_samples, split_loadable
+from harness.samples import load_samples
 from harness.schema import Generation, ResultRecord, RunConfig, Sample
 from harness.spec import SpecError
 
@@ -80,6 +81,13 @@ def is_plain(attack: Attack) -> bool:
     return getattr(type(attack), "registered_name", None) == "none"
 
 
+def prepares_ahead(attack: Attack) -> bool:
+    """Whether the next batch may be attacked and loaded in a worker thread during generation: never
+    for an attack that runs a model itself (white-box optimisation, a helper LLM), which must not
+    share the device or torch's random state with the generation in flight."""
+    return not attack.needs_model and attack.calls_per_sample == 0
+
+
 def check_attackable(built_tasks: list[Task], built_attacks: list[Attack]) -> None:
     """Refuse, before anything loads or is written, an attack on a task whose samples are not plain
     harmful requests (a utility benchmark, or a release with its own attack built in): the numbers
@@ -108,7 +116,12 @@ def check_calibration(defense: Defense) -> None:
 
 def generate_batch(defense: Defense, backend: Backend, batch: list[Sample], params: GenerationParams) -> list[Generation]:
     """Generate for one batch; a sample whose image cannot be read is recorded as an error."""
-    ready, failed = split_loadable(batch)
+    return generate_loaded(defense, backend, *prepare(batch), params)
+
+
+def generate_loaded(defense: Defense, backend: Backend, batch: list[Sample], ready: list[Sample],
+                    failed: dict[str, str], params: GenerationParams) -> list[Generation]:
+    """Generate for one batch whose images are loaded (`harness.batching.prepare`)."""
     produced = {g.sample_id: g for g in defense.generate(backend, ready, params)} if ready else {}
     return [Generation(sample_id=s.id, output="", error=failed[s.id]) if s.id in failed else produced[s.id]
             for s in batch]
@@ -240,11 +253,14 @@ class Runner:
                         s.id for s in samples), batch_size=self.config.batch_size), self.rundir.root, self.progress)
             params = self._params()
             bar = self.reporter.bar("generate", len(samples), len(samples) - len(pending))
-            for mine in self.shard.rounds(pending, self.config.batch_size):  # this process's batch of a round
-                # The attack runs per batch, on pending samples only: its images stay lazy and its
-                # own model calls (an LLM rewriter) are not repeated for samples already done.
-                batch = attack.apply_batch(mine, self.config.seed) if mine else []
-                gens = generate_batch(defense, backend, batch, params)
+            # This process's batch of each round, in `--order`. The attack runs per batch, on pending
+            # samples only (its own model calls, an LLM rewriter, are not repeated for samples already
+            # done), and with the image loading one batch ahead unless it uses the model itself.
+            rounds = self.shard.rounds(ordered(pending, self.config.order), self.config.batch_size)
+            seed = self.config.seed
+            for batch, ready, failed in prefetched(rounds, lambda mine: attack.apply_batch(mine, seed),
+                                                   ahead=prepares_ahead(attack)):
+                gens = generate_loaded(defense, backend, batch, ready, failed, params)
                 # Rank 0 writes every process's records of the round, in the single-process order.
                 for records in self.shard.collect([_generation_record(s, g) for s, g in zip(batch, gens)]):
                     cell.append_generations(records, replace=any(r["sample_id"] in done for r in records))

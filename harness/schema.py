@@ -189,6 +189,8 @@ class RunConfig:
     dtype: str | None = None
     #: Attack specs (harness.contracts.attack); `none` sends each task's samples as released.
     attacks: list[str] = field(default_factory=lambda: ["none"])
+    #: Generation order of a cell's pending samples (harness.batching): `length` or `task`.
+    order: str = "length"
     check: dataclasses.InitVar[bool] = True
 
     def __post_init__(self, check: bool) -> None:
@@ -205,12 +207,14 @@ class RunConfig:
         check_dtype(self.dtype)
         if self.device is not None and (not isinstance(self.device, str) or not self.device.strip()):
             raise SpecError(f"--device must name a device (cpu, cuda, cuda:N, mps), got {self.device!r}")
+        if self.order not in ("length", "task"):
+            raise SpecError(f"--order must be length or task, got {self.order!r}")
         if not self.attacks:
             raise SpecError("--attack needs at least one attack spec (none: the tasks as released)")
 
     # Fields that may change between a run and its resumption without changing any output:
-    # judges can be added, the limit raised, and batching changed.
-    RESUMABLE_FIELDS = ("judges", "limit", "batch_size")
+    # judges can be added, the limit raised, and batching and its order changed.
+    RESUMABLE_FIELDS = ("judges", "limit", "batch_size", "order")
 
     def generation_identity(self) -> dict[str, Any]:
         """What must match for a run directory to be resumed. `attacks` is left out while it is just

@@ -61,7 +61,13 @@ def test_list_attacks_shows_params_and_cost(capsys):
     assert out.startswith("attacks:\n")
     assert "  none " in out and "  figstep " in out
     assert "text: Literal['auto', 'query'] = 'auto'" in out
-    assert "model calls of its own per sample, default parameters: 0" in out
+    assert "(cost with default parameters: 0 model calls of its own per sample)" in out
+    # white-box attacks count their optimisation passes at their default steps
+    lines = out.splitlines()
+    cost = {lines[i].split()[0]: lines[i + 1] for i in range(len(lines) - 1) if lines[i + 1].startswith("      (cost")}
+    assert "500 optimisation passes" in cost["pgd"] and "per batch of samples" in cost["pgd"]
+    assert "5000 optimisation passes" in cost["visual_adv"] and "once per model and defense" in cost["visual_adv"]
+    assert "0 model calls" in cost["figstep"]
 
 
 @pytest.fixture()

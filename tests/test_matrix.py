@@ -140,3 +140,25 @@ def test_compare_two_attacks_pairs_each_defense_with_itself(tmp_path, capsys):
     assert "m · figstep · ecso" in capsys.readouterr().out
     assert main(["compare", str(run), str(run), "--attack-b", "nope"]) == 2
     assert "attack='nope'" in capsys.readouterr().err
+
+
+def test_plain_report_shows_each_defense_in_the_three_regimes(tmp_path, capsys):
+    """`realign report` (no --matrix) prints, below the results tables, the safety metric per
+    defense with no attack, under transfer and adaptive, with intervals."""
+    recs = [record("m1", d, "jbb", "keywords", {"asr": metric(a, a - 0.1, a + 0.1, 20)}, n=20, attack="none")
+            for d, a in (("none", 0.6), ("cmrm", 0.3))]
+    for attack, defense, regime, a in (("pgd:eps=16", "none", "transfer", 0.9), ("pgd:eps=16", "cmrm", "transfer", 0.5),
+                                       ("pgd:eps=16,through=cmrm", "cmrm", "adaptive", 0.8),
+                                       ("pgd:eps=16,through=cmrm", "none", "cross", 0.7)):
+        rec = record("m1", defense, "jbb", "keywords", {"asr": metric(a, a - 0.1, a + 0.1, 20)}, n=20, attack=attack)
+        rec["identity"]["attack"].update(regime=regime, family="pgd:eps=16")
+        recs.append(rec)
+    run = write_run(tmp_path / "run", recs)
+    assert main(["report", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "| defense | attack | no attack | transfer | adaptive |" in out
+    assert "| cmrm | pgd:eps=16 | 0.300 [0.20, 0.40] | 0.500 [0.40, 0.60] | 0.800 [0.70, 0.90] |" in out
+    assert "| none | pgd:eps=16 | 0.600 [0.50, 0.70] | 0.900 [0.80, 1.00] | - |" in out
+    plain = write_run(tmp_path / "plain", _records())  # no white-box attack: no regime table
+    assert main(["report", str(plain)]) == 0
+    assert "no attack | transfer | adaptive" not in capsys.readouterr().out

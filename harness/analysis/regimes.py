@@ -61,3 +61,15 @@ def markdown(rows: list[dict[str, Any]], metric: str) -> str:
         cells = [fmt_metric(r[k]) if r.get(k) else "-" for k in REGIMES]
         lines.append(f"| {r['defense'].replace('|', '/')} | {r['attack'].replace('|', '/')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def summary(records: list[dict[str, Any]]) -> str:
+    """The regime tables of every (model, task, judge) in a run, for plain `realign report` (empty
+    when no white-box attack ran), built the way `report --matrix` builds them."""
+    if not has_regimes(records):
+        return ""
+    from harness.analysis.matrix import build_matrix  # matrix imports this module
+
+    parts = [f"\n{t.model} | {t.task} | judge {t.judge or '-'}\n" + markdown(t.regimes, t.metric)
+             for t in build_matrix(records)[0] if t.regimes]
+    return "\n".join(parts)

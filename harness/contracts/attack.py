@@ -56,6 +56,11 @@ class Attack(ABC):
         (use `attacked()` to build it). `seed` is the run's seed; derive per-sample randomness
         with `attack_seed(seed, self.spec, sample.id)`."""
 
+    def cost(self) -> str:
+        """What the attack itself costs, beside the evaluated model's answer (for `realign list`):
+        a helper model's calls, or a white-box attack's optimisation passes."""
+        return f"{self.calls_per_sample} model calls of its own per sample"
+
     def identity(self) -> dict[str, Any]:
         """What the results record about this attack (spec, parameters, data such as fonts or
         prompt files with their hashes)."""
