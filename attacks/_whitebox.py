@@ -32,7 +32,7 @@ FILLS = {"gray": 128, "white": 255, "black": 0}
 NOT_IN_KEY = ("cache", "checkpoint_every")
 #: Settings of one through-defense's loss: they do not change a transfer optimisation, so they are
 #: left out of the `family` that pairs transfer and adaptive runs (and seeds their random starts).
-THROUGH_SETTINGS = ("refresh", "hd_weight", "hd_margin", "eot", "qg_weight", "qg_margin")
+THROUGH_SETTINGS = ("refresh", "hd_weight", "hd_margin", "eot", "qg_weight", "qg_margin", "qg_questions")
 
 
 @dataclass
@@ -52,6 +52,7 @@ class WhiteboxParams:
     eot: int = 8  # JailGuard: mutated copies per step (expectation over transformations), plus the original
     qg_weight: float = 100.0  # QGuard (guard=self): weight of relu(risk - tau + qg_margin)
     qg_margin: float = 0.0
+    qg_questions: int = 0  # QGuard: guard questions asked per step, in turn, the others held (0: all)
     cache: str | None = None  # where optimisations are cached (default: <run>/whitebox)
 
     def __post_init__(self) -> None:
@@ -63,6 +64,9 @@ class WhiteboxParams:
             raise ValueError("hd_weight and qg_weight must be >= 0")
         if self.eot < 1:
             raise ValueError(f"eot is the number of mutated copies per step, at least 1 (got {self.eot})")
+        if self.qg_questions < 0:
+            raise ValueError(f"qg_questions is the number of guard questions asked per step, >= 0 (0: all; got "
+                             f"{self.qg_questions})")
         through_spec(self.through)  # refuses a transfer-only defense, with the reason
 
 

@@ -18,7 +18,7 @@ from harness.schema import Sample
 from harness.spec import SpecError
 from harness.whitebox import eot, teacher
 from harness.whitebox.handover import WhiteboxContext
-from harness.whitebox.objectives import objective_for, placeholder
+from harness.whitebox.objectives import Plain, objective_for, placeholder
 from harness.whitebox.pixels import from_image, to_image
 from harness.whitebox.status import status_for
 from tests.whitebox_fixtures import float64_backend, samples
@@ -161,6 +161,25 @@ def test_the_torch_risk_is_qguards_score_of_the_same_image(backend):
     assert obj.risk(torch.tensor(p)).numpy() == pytest.approx([obj.defense.score(list(r))[0] for r in p], abs=1e-9)
 
 
+def test_asking_some_questions_per_step_holds_the_others_at_their_last_values(backend):
+    """On unchanged pixels the held values are the current ones, so the risk is the full risk; only
+    the questions asked this step (cyclically) are forwarded."""
+    full = objective(backend, QGUARD)
+    some = objective(backend, QGUARD, qg_questions=5)
+    u, _, _ = setup(backend, full)
+    setup(backend, some)
+    x = u.double() / 255
+    with torch.no_grad():
+        want = full.risk(full.p_yes((0, 1), full.pipeline(x)))
+        first = some.risk(some.p_yes((0, 1), some.pipeline(x)))
+        some.refresh({0: 8, 1: 8}, [s.text for s in samples(2)], u)
+        later = some.risk(some.p_yes((0, 1), some.pipeline(x)))
+    assert some.asked(1) == (5, 6, 7, 8, 9)  # step 8: 40..44 modulo 35
+    assert some.questions(((0, some.asked(0)), (1, some.asked(1)))).input_ids.shape[0] == 10
+    assert torch.allclose(first, want, rtol=0, atol=1e-12) and torch.allclose(later, want, rtol=0, atol=1e-12)
+    assert some.item_state(0)["p_yes"] == pytest.approx(full.p_yes((0,), full.pipeline(x))[0].tolist(), abs=1e-12)
+
+
 def finite_difference_check(backend, obj, x, batch):
     def loss(z):
         row_loss, extra = obj.losses(z, batch)
@@ -194,11 +213,20 @@ def test_the_gradient_reaches_the_pixels_through_the_eot_loss(backend):
     assert float(g.abs().sum()) > 0 and not torch.allclose(g, g_plain, rtol=1e-3, atol=1e-9)
 
 
-def test_the_gradient_reaches_the_pixels_through_the_qguard_term(backend):
-    obj = objective(backend, QGUARD)
+@pytest.mark.parametrize("asked", [0, 5])
+def test_the_gradient_reaches_the_pixels_through_the_qguard_term(backend, asked):
+    """All questions, or 5 of them asked this step and the others held (constants of the pixels)."""
+    obj = objective(backend, QGUARD, qg_questions=asked)
     u, _, batch = setup(backend, obj)
+    if asked:
+        with torch.no_grad():
+            obj.losses(u.double() / 255, batch)  # the first step asks every question
+        obj.refresh({0: 1, 1: 1}, [s.text for s in samples(2)], u)
+        assert obj.asked(0) == (5, 6, 7, 8, 9)
     g, extra = finite_difference_check(backend, obj, u.double() / 255, batch)
     assert bool((extra > 0).all())  # tau 0: the penalty is active for every row
+    if asked:
+        return
     off = objective(backend, QGUARD, qg_weight=0.0)  # without the term: the undefended model's gradient
     _, _, batch = setup(backend, off)
     z = (u.double() / 255).requires_grad_(True)
@@ -230,6 +258,31 @@ def test_adaptive_images_through_the_detectors_differ_from_transfer(tiny_backend
     assert adaptive.identity()["through_status"] == "differentiable"
 
 
+def test_a_resumed_qguard_optimisation_asking_some_questions_equals_an_uninterrupted_one(tiny_backend_for, tmp_path,
+                                                                                         monkeypatch):
+    """The held P(yes) are checkpointed with the image, so resuming asks and holds what an
+    uninterrupted run would."""
+    backend = tiny_backend_for("llava")
+    spec = f"pgd:eps=8,steps=6,checkpoint_every=2,qg_questions=4,through={QGUARD.replace(',', ';')}"
+    _, whole = run_attack(backend, spec, tmp_path / "whole", defenses.build(QGUARD))
+    calls, losses = {"n": 0}, Plain.losses
+
+    def interrupted(self, x, batch):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return losses(self, x, batch)
+
+    with monkeypatch.context() as m:
+        m.setattr(Plain, "losses", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run_attack(backend, spec, tmp_path / "split", defenses.build(QGUARD))
+    _, resumed = run_attack(backend, spec, tmp_path / "split", defenses.build(QGUARD))
+    for a, b in zip(whole, resumed):
+        assert b.meta["attack"]["cache"] == "resumed" and a.meta["attack"]["final_loss"] == b.meta["attack"]["final_loss"]
+        assert torch.equal(from_image(load_image(a.image)), from_image(load_image(b.image)))
+
+
 def test_statuses_follow_the_parameters():
     assert status_for("jailguard")[0] == status_for("jailguard:mode=image,n=4")[0] == "differentiable"
     assert status_for("qguard:guard=self")[0] == "differentiable"
@@ -240,6 +293,7 @@ def test_statuses_follow_the_parameters():
 
 @pytest.mark.parametrize("spec, match", [
     ("pgd:eot=0", "eot"),
+    ("pgd:qg_questions=-2", "qg_questions"),
     ("visual_adv:qg_weight=-1", "qg_weight"),
     ("pgd:through=jailguard:mode=text", "mode=image only"),
     ("pgd:through=qguard", "only guard=self"),

@@ -254,7 +254,13 @@ class JailGuardEOT(Plain):
 
 class QGuardLoss(Plain):
     """QGuard asked by the target itself: the answer path is the undefended model's, and the risk
-    from the guard questions' P(yes) (the target's next-token logits) must stay under tau."""
+    from the guard questions' P(yes) (the target's next-token logits) must stay under tau.
+
+    Each question is one more forward per image and step (35 with the bundled set), which dominates
+    a step. `qg_questions=k` asks only k of them per step, in turn (step s asks questions s*k .. s*k+k-1,
+    cyclically), and holds every other one at the P(yes) it last had (a constant): the risk is then
+    exact for the pixels each value was read at, and the gradient flows through the k asked now.
+    The first step of an image asks all of them; the held values are part of the checkpoint."""
 
     name = "qguard"
 
@@ -270,25 +276,53 @@ class QGuardLoss(Plain):
         ids = [int(i) for i in backend.token_ids(yes + no)]
         self.yes_ids, self.no_ids = ids[: len(yes)], ids[len(yes) :]
         self.weight, self.margin = float(settings.get("qg_weight", 100.0)), float(settings.get("qg_margin", 0.0))
-        self._asked: tuple[tuple[int, ...], teacher.TeacherBatch] | None = None
+        per_step = int(settings.get("qg_questions", 0))
+        self.per_step = per_step if 0 < per_step < len(self.flat) else len(self.flat)
+        self.steps: dict[int, int] = {}
+        self._asked: dict[tuple[tuple[int, tuple[int, ...]], ...], teacher.TeacherBatch] = {}
 
     def begin(self, texts: list[str], u: torch.Tensor) -> None:
-        self.texts, self._asked = texts, None
+        self.texts, self._asked, self.steps = texts, {}, {}
+        self._state = {}  # held P(yes) belong to this batch's images (a resumed one restores its own next)
 
-    def questions(self, owners: tuple[int, ...]) -> teacher.TeacherBatch:
-        """Every guard question about each owner's input, worded as QGuard asks it (cached per owners)."""
-        if self._asked is None or self._asked[0] != owners:
-            rows = [teacher.Row(i, FRAME.format(question=q, prompt=self.texts[i]), (self.yes_ids[0],))
-                    for i in owners for q in self.flat]
-            self._asked = (owners, teacher.build(self.backend, rows, placeholder(self.pipeline)))
-        return self._asked[1]
+    def refresh(self, steps: dict[int, int], texts: list[str], u: torch.Tensor) -> None:
+        self.steps = dict(steps)
+
+    def asked(self, image: int) -> tuple[int, ...]:
+        """The questions asked about `image` this step (all of them without held values)."""
+        q = len(self.flat)
+        if self.per_step == q or "p_yes" not in self._state.get(image, {}):
+            return tuple(range(q))
+        first = self.steps.get(image, 0) * self.per_step
+        return tuple((first + j) % q for j in range(self.per_step))
+
+    def questions(self, plan: tuple[tuple[int, tuple[int, ...]], ...]) -> teacher.TeacherBatch:
+        """The guard questions `plan` asks ((image, question indices) pairs), worded as QGuard asks them."""
+        if plan not in self._asked:
+            rows = [teacher.Row(i, FRAME.format(question=self.flat[q], prompt=self.texts[i]), (self.yes_ids[0],))
+                    for i, qs in plan for q in qs]
+            if len(self._asked) > 64:
+                self._asked.clear()
+            self._asked[plan] = teacher.build(self.backend, rows, placeholder(self.pipeline))
+        return self._asked[plan]
 
     def p_yes(self, owners: tuple[int, ...], pixel_values: torch.Tensor) -> torch.Tensor:
-        """[owners, questions] P(yes) = softmax(logsumexp(yes variants), logsumexp(no variants))[0]."""
-        logits = teacher.forward(self.model, self.questions(owners), pixel_values)[:, 0]
+        """[owners, questions] P(yes) = softmax(logsumexp(yes variants), logsumexp(no variants))[0]: read
+        now for the questions asked this step, held for the others."""
+        plan = tuple((i, self.asked(i)) for i in owners)
+        logits = teacher.forward(self.model, self.questions(plan), pixel_values)[:, 0]
         logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-        margin = torch.logsumexp(logp[:, self.yes_ids], -1) - torch.logsumexp(logp[:, self.no_ids], -1)
-        return torch.sigmoid(margin).view(len(owners), len(self.flat))
+        fresh = torch.sigmoid(torch.logsumexp(logp[:, self.yes_ids], -1) - torch.logsumexp(logp[:, self.no_ids], -1))
+        out, at = [], 0
+        for i, qs in plan:
+            held = torch.tensor(self._state.get(i, {}).get("p_yes", [0.0] * len(self.flat)), dtype=fresh.dtype,
+                                device=fresh.device)
+            row = held.index_put((torch.tensor(qs, device=fresh.device),), fresh[at : at + len(qs)])
+            at += len(qs)
+            if self.per_step < len(self.flat):
+                self._state[i] = {"p_yes": row.detach().tolist()}
+            out.append(row)
+        return torch.stack(out)
 
     def logits(self, batch: teacher.TeacherBatch, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, _ = super().logits(batch, pixel_values)
@@ -297,6 +331,9 @@ class QGuardLoss(Plain):
         where = torch.tensor([owners.index(int(o)) for o in batch.owner.tolist()], device=risk.device)
         penalty = self.weight * torch.relu(risk[where] - self.defense.current_tau() + self.margin)
         return logits, penalty.to(torch.promote_types(logits.dtype, torch.float32))
+
+    def identity(self) -> dict[str, Any]:
+        return {**super().identity(), "qg_questions": self.per_step, "questions": len(self.flat)}
 
 
 OBJECTIVES: dict[str, type[Plain]] = {c.name: c for c in (Plain, Steered, ShiftDCLoss, RefusalDirLoss,
