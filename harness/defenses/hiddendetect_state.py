@@ -17,24 +17,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
 from harness.contracts.backend import Backend
+from harness.defenses.state_file import read_state, write_state
 from harness.defenses.thresholds import auroc, threshold_at_fpr
-from harness.defenses.vectors import (
-    FORMAT_VERSION,
-    manifest_path,
-    model_key,
-    model_mismatch,
-)
+from harness.defenses.vectors import FORMAT_VERSION, model_key, model_mismatch
 from harness.errors import DataError
 
 KIND = "hiddendetect-curves"
@@ -158,32 +151,13 @@ class HiddenDetectState:
     manifest: dict[str, Any]
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         manifest = {**self.manifest, "kind": KIND, "format_version": FORMAT_VERSION}
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tensors = {f"f_{role}": c.detach().double().cpu().contiguous() for role, c in self.curves.items()}
-        save_file(tensors, str(tmp), metadata={"manifest": json.dumps(manifest, sort_keys=True)})
-        os.replace(tmp, path)
-        manifest_path(path).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        return path
+        return write_state(path, {f"f_{role}": c.detach().double() for role, c in self.curves.items()}, manifest)
 
     @classmethod
     def load(cls, path: str | Path) -> HiddenDetectState:
-        path = Path(path).expanduser()
-        if not path.exists():
-            raise DataError(f"hiddendetect state {path} does not exist")
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                meta = fh.metadata() or {}
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise DataError(f"hiddendetect state {path} is not a readable safetensors file: {exc}") from None
-        if "manifest" not in meta:
-            raise DataError(f"hiddendetect state {path} has no realign manifest (was it written by `realign fit`?)")
-        manifest = json.loads(meta["manifest"])
-        if manifest.get("kind") != KIND or not {"f_unsafe", "f_safe"} <= set(tensors):
-            raise DataError(f"{path} holds {manifest.get('kind')!r} state, not {KIND!r} (a hiddendetect fit)")
+        path, tensors, manifest = read_state(path, "hiddendetect state", "`realign fit --defense hiddendetect ...`",
+                                             framework="pt", kind=KIND, required=("f_unsafe", "f_safe"))
         return cls({"unsafe": tensors["f_unsafe"].double(), "safe": tensors["f_safe"].double()}, manifest)
 
     def check_model(self, backend: Backend, where: str | Path | None = None) -> None:

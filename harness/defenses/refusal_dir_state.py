@@ -12,18 +12,14 @@ refitting, and a human can audit the choice from the file alone.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
-
 from harness.contracts.backend import Backend
-from harness.defenses.vectors import FORMAT_VERSION, manifest_path, model_key, model_mismatch
+from harness.defenses.state_file import read_state, write_state
+from harness.defenses.vectors import FORMAT_VERSION, model_key, model_mismatch
 from harness.errors import DataError
 
 KIND = "refusal-direction"
@@ -53,34 +49,16 @@ class RefusalDirState:
         return self.candidates[position, layer]
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         manifest = {**self.manifest, "kind": KIND, "format_version": FORMAT_VERSION}
-        tensors = {"candidates": self.candidates.detach().float().cpu().contiguous()}
-        tensors.update({k: v.detach().double().cpu().contiguous() for k, v in self.scores.items()})
-        tensors.update({k: v.detach().double().cpu().contiguous() for k, v in self.gate.items()})
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        save_file(tensors, str(tmp), metadata={"manifest": json.dumps(manifest, sort_keys=True)})
-        os.replace(tmp, path)
-        manifest_path(path).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        return path
+        tensors = {"candidates": self.candidates.detach().float()}
+        tensors.update({k: v.detach().double() for k, v in self.scores.items()})
+        tensors.update({k: v.detach().double() for k, v in self.gate.items()})
+        return write_state(path, tensors, manifest)
 
     @classmethod
     def load(cls, path: str | Path) -> RefusalDirState:
-        path = Path(path).expanduser()
-        if not path.exists():
-            raise DataError(f"refusal direction file {path} does not exist")
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                meta = fh.metadata() or {}
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise DataError(f"refusal direction file {path} is not a readable safetensors file: {exc}") from None
-        if "manifest" not in meta:
-            raise DataError(f"{path} has no realign manifest (was it written by `realign fit`?)")
-        manifest = json.loads(meta["manifest"])
-        if manifest.get("kind") != KIND or not {"candidates", *SCORES} <= set(tensors):
-            raise DataError(f"{path} holds {manifest.get('kind')!r} state, not {KIND!r} (a refusal_dir fit)")
+        path, tensors, manifest = read_state(path, "refusal direction file", "`realign fit --defense refusal_dir ...`",
+                                             framework="pt", kind=KIND, required=("candidates", *SCORES))
         return cls(tensors["candidates"].float(), {k: tensors[k].double() for k in SCORES},
                    {k: tensors[k].double() for k in GATE if k in tensors}, manifest)
 

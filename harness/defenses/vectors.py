@@ -14,19 +14,14 @@ id and revision. Files written before fingerprints were recorded are checked by 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from safetensors import safe_open
-
-from harness.errors import DataError
 from harness.contracts.backend import Backend
+from harness.defenses.state_file import read_state, write_state
+from harness.errors import DataError
 
 FORMAT_VERSION = 1
 
@@ -76,33 +71,13 @@ class FittedVectors:
     manifest: dict[str, Any]
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         manifest = {**self.manifest, "kind": self.kind, "format_version": FORMAT_VERSION}
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        save_file({"vectors": self.vectors.detach().float().cpu().contiguous()}, str(tmp),
-                  metadata={"manifest": json.dumps(manifest, sort_keys=True)})
-        os.replace(tmp, path)
-        sidecar = manifest_path(path)
-        sidecar.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        return path
+        return write_state(path, {"vectors": self.vectors.detach().float()}, manifest)
 
     @classmethod
     def load(cls, path: str | Path, kind: str) -> FittedVectors:
-        path = Path(path)
-        if not path.exists():
-            raise DataError(f"vector file {path} does not exist")
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                meta = fh.metadata() or {}
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise DataError(f"vector file {path} is not a readable safetensors file: {exc}") from None
-        if "manifest" not in meta or "vectors" not in tensors:
-            raise DataError(f"vector file {path} has no realign manifest (was it written by `realign fit`?)")
-        manifest = json.loads(meta["manifest"])
-        if manifest.get("kind") != kind:
-            raise DataError(f"vector file {path} holds {manifest.get('kind')!r} vectors, not {kind!r}")
+        path, tensors, manifest = read_state(path, "vector file", "`realign fit`", framework="pt", kind=kind,
+                                             required=("vectors",))
         return cls(kind, tensors["vectors"].float(), manifest)
 
     def check_model(self, backend: Backend, where: str | Path | None = None) -> None:
@@ -118,10 +93,6 @@ class FittedVectors:
 
     def calibration_ids(self) -> set[str]:
         return set(self.manifest.get("calibration", {}).get("ids", []))
-
-
-def manifest_path(path: Path) -> Path:
-    return path.with_name(path.name + ".json")
 
 
 def calibration_record(spec: str, ids: list[str]) -> dict[str, Any]:
