@@ -16,7 +16,7 @@ import torch
 import transformers
 
 from harness.contracts.backend import Backend, Completion, DecoderSize, Edits, GenerationParams, Request
-from harness.models import hf_scoring, steering
+from harness.models import hf_compile, hf_scoring, steering
 from harness.models.hf_loading import folder_fingerprint, load
 from harness.registry import backend
 
@@ -34,6 +34,14 @@ class HFBackend(Backend):
         device_map: str | None = None
         trust_remote_code: bool = False
         attn_implementation: str | None = None
+        #: Static KV cache + torch.compile'd decode steps (harness/models/hf_compile.py).
+        compile: bool = False
+        compile_backend: str = "inductor"
+        #: Left-pad prompts to a multiple of this many tokens (default 64 with compile, else none).
+        pad_to_multiple: int | None = None
+
+        def __post_init__(self) -> None:
+            hf_compile.check_params(self)
 
     def __init__(self, params: Params, loaded: tuple[Any, Any] | None = None) -> None:
         self.params = params
@@ -43,6 +51,8 @@ class HFBackend(Backend):
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self._image_layout: str | None = None  # "nested" or "flat", learned on the first image batch
+        self._pad_multiple = hf_compile.pad_multiple(params)
+        self._compiled = hf_compile.CompiledDecoding(self.model, params.compile_backend) if params.compile else None
 
     @classmethod
     def from_loaded(cls, model: Any, processor: Any, name: str) -> HFBackend:
@@ -58,12 +68,16 @@ class HFBackend(Backend):
     ) -> list[Completion]:
         if not requests:
             return []
-        batch = self._encode(requests)
+        batch = self._encode(requests, self._pad_multiple)
         prompt_len = batch["input_ids"].shape[1]
         config = self._generation_config(params)
-        with _seeded(params.seed, self.device), steering.edit_hooks(self.model, edits, batch["attention_mask"]):
-            with torch.inference_mode():
-                output = self.model.generate(**batch, generation_config=config)
+        if self._compiled is not None:
+            self._compiled.configure(config)
+            editing = self._compiled.edits(edits, batch["attention_mask"])
+        else:
+            editing = steering.edit_hooks(self.model, edits, batch["attention_mask"])
+        with _seeded(params.seed, self.device), editing, torch.inference_mode():
+            output = self.model.generate(**batch, generation_config=config)
         new_tokens = output[:, prompt_len:].cpu()
         lengths = _completion_lengths(new_tokens, _eos_ids(config))
         prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()
@@ -89,6 +103,10 @@ class HFBackend(Backend):
             "transformers": transformers.__version__,
             "torch": torch.__version__,
         }
+        if self._compiled is not None:
+            ident["compile"] = {"backend": self._compiled.backend, "mode": self._compiled.mode, "cache": "static"}
+        if self._pad_multiple is not None:
+            ident["pad_to_multiple"] = self._pad_multiple
         folder = Path(self.params.pretrained).expanduser()
         if folder.is_dir():
             ident["folder_hash"] = folder_fingerprint(folder)
@@ -141,14 +159,17 @@ class HFBackend(Backend):
     def device(self) -> torch.device:
         return self.model.device
 
-    def _encode(self, requests: list[Request]) -> dict[str, torch.Tensor]:
-        """Render each request with the chat template, then process the batch (left padding)."""
+    def _encode(self, requests: list[Request], pad_multiple: int | None = None) -> dict[str, torch.Tensor]:
+        """Render each request with the chat template, then process the batch (left padding, to a
+        multiple of `pad_multiple` tokens when given)."""
         texts = [
             self.processor.apply_chat_template(_template_messages(r), add_generation_prompt=True, tokenize=False)
             for r in requests
         ]
         images = [r.images() for r in requests]
         kwargs: dict[str, Any] = dict(text=texts, return_tensors="pt", padding=True)
+        if pad_multiple is not None:
+            kwargs["pad_to_multiple_of"] = pad_multiple
         bos = self.tokenizer.bos_token
         if bos is not None and texts[0].startswith(bos):
             kwargs["add_special_tokens"] = False  # the template wrote BOS already (as transformers does)

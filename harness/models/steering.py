@@ -100,14 +100,7 @@ def edit_hooks(model: Any, edits: Edits | None, attention_mask: torch.Tensor) ->
     if edits is None or not edits.vectors:
         yield
         return
-    _check_layers(model, list(edits.vectors))
-    batch, hidden = attention_mask.shape[0], model.config.get_text_config().hidden_size
-    for layer, vec in edits.vectors.items():
-        if tuple(vec.shape) != (batch, hidden):
-            raise ValueError(
-                f"edit vectors for layer {layer} have shape {tuple(vec.shape)}; expected [{batch}, {hidden}]"
-            )
-    weights = _prefill_weights(attention_mask, edits.positions)
+    weights = check_edits(model, edits, attention_mask)
     modules = decoder_layers(model)
     handles = [
         modules[int(layer)].register_forward_hook(
@@ -120,6 +113,34 @@ def edit_hooks(model: Any, edits: Edits | None, attention_mask: torch.Tensor) ->
     finally:
         for handle in handles:
             handle.remove()
+
+
+def check_edits(model: Any, edits: Edits, attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """Validate `edits` against the model and this batch; return the prefill weights (see
+    `_prefill_weights`). Shared by `edit_hooks` and the compiled path's permanent hooks
+    (harness.models.hf_compile), so both refuse the same mistakes and edit the same positions."""
+    _check_layers(model, list(edits.vectors))
+    batch, hidden = attention_mask.shape[0], model.config.get_text_config().hidden_size
+    for layer, vec in edits.vectors.items():
+        if tuple(vec.shape) != (batch, hidden):
+            raise ValueError(
+                f"edit vectors for layer {layer} have shape {tuple(vec.shape)}; expected [{batch}, {hidden}]"
+            )
+    return _prefill_weights(attention_mask, edits.positions)
+
+
+def cast_vector(vector: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """[batch, 1, hidden] copy of a [batch, hidden] edit in the hidden states' dtype and device."""
+    return vector.detach().to(hidden.device, hidden.dtype).unsqueeze(1)
+
+
+def edit_prefill(hidden: torch.Tensor, prefill: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+    """The prefill's hidden states with `vec` (from `cast_vector`) added at the prefill weights."""
+    if prefill.shape[1] != hidden.shape[1]:
+        raise RuntimeError(
+            f"prefill hidden states cover {hidden.shape[1]} positions but the attention mask {prefill.shape[1]}"
+        )
+    return hidden + prefill.to(hidden.device, hidden.dtype) * vec
 
 
 def _prefill_weights(attention_mask: torch.Tensor, positions: frozenset[str]) -> torch.Tensor | None:
@@ -147,18 +168,74 @@ def _adder(vector: torch.Tensor, prefill: torch.Tensor | None, generated: bool) 
         first = state["calls"] == 0
         state["calls"] += 1
         if first:
-            state["vec"] = vector.detach().to(hidden.device, hidden.dtype).unsqueeze(1)
+            state["vec"] = cast_vector(vector, hidden)
             if prefill is None:
                 return None
-            if prefill.shape[1] != hidden.shape[1]:
-                raise RuntimeError(
-                    f"prefill hidden states cover {hidden.shape[1]} positions but the attention mask "
-                    f"{prefill.shape[1]}"
-                )
-            weights = prefill.to(hidden.device, hidden.dtype)
-            return _replace_hidden(output, hidden + weights * state["vec"])
+            return _replace_hidden(output, edit_prefill(hidden, prefill, state["vec"]))
         if not generated:
             return None
         return _replace_hidden(output, hidden + state["vec"])
 
     return hook
+
+
+class EditSlots:
+    """Edit hooks for a compiled forward: registered once, before anything is compiled, on every
+    decoder layer; each generate call fills them (`apply`) instead of registering hooks.
+
+    Why not `edit_hooks`: torch.compile does not guard on module hooks
+    (`torch._dynamo.config.skip_nnmodule_hook_guards`), so a compiled forward silently keeps the
+    hooks that existed when it was traced, whatever is registered later. Here the hooks never change;
+    only the tensors they read do, and those are inputs of the compiled graph. The prefill runs
+    uncompiled in transformers' `generate`, and there a hook adds the prompt edit exactly as
+    `edit_hooks` does; at every decode step it adds its layer's [batch, 1, hidden] decode vector,
+    zeros for a layer without a `generated` edit (adding zeros leaves every value as it was). The
+    decode graph so has no branch that depends on the defense, and a new edit needs no recompiling.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        modules = decoder_layers(model)
+        self._active = False
+        self._vectors: dict[int, torch.Tensor] = {}
+        self._weights: torch.Tensor | None = None
+        self._generated = False
+        self._prefilled = [True] * len(modules)
+        self._decode: list[torch.Tensor | None] = [None] * len(modules)
+        self.hooks = [self._hook(i) for i in range(len(modules))]
+        self.handles = [m.register_forward_hook(hook, prepend=True) for m, hook in zip(modules, self.hooks)]
+
+    @contextmanager
+    def apply(self, edits: Edits | None, attention_mask: torch.Tensor) -> Iterator[None]:
+        """While active, the hooks edit one generate call's batch (`edits` may be None: no edit)."""
+        if edits is not None and edits.vectors:
+            self._weights = check_edits(self.model, edits, attention_mask)
+            self._vectors = {int(layer): vec for layer, vec in edits.vectors.items()}
+            self._generated = "generated" in edits.positions
+        self._prefilled = [False] * len(self._prefilled)
+        self._active = True
+        try:
+            yield
+        finally:
+            self._active, self._vectors, self._weights, self._generated = False, {}, None, False
+            self._decode = [None] * len(self._decode)
+
+    def _hook(self, index: int) -> Callable[..., Any]:
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
+            if not self._active:
+                return None
+            hidden = _hidden(output)
+            if self._prefilled[index]:  # a decode step: the compiled path, no branch on the edit
+                return _replace_hidden(output, hidden + self._decode[index])
+            self._prefilled[index] = True
+            vector = self._vectors.get(index)
+            # A fresh contiguous tensor made here, under generate's inference mode, like the zeros:
+            # the compiled graph's guards check layout and dispatch keys, and should see one kind.
+            vec = None if vector is None else cast_vector(vector, hidden).clone(memory_format=torch.contiguous_format)
+            keep = vec is not None and self._generated
+            self._decode[index] = vec if keep else hidden.new_zeros(hidden.shape[0], 1, hidden.shape[2])
+            if vec is None or self._weights is None:
+                return None
+            return _replace_hidden(output, edit_prefill(hidden, self._weights, vec))
+
+        return hook
