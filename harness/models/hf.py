@@ -55,10 +55,11 @@ class HFBackend(Backend):
         self._compiled = hf_compile.CompiledDecoding(self.model, params.compile_backend) if params.compile else None
 
     @classmethod
-    def from_loaded(cls, model: Any, processor: Any, name: str) -> HFBackend:
+    def from_loaded(cls, model: Any, processor: Any, name: str, **options: Any) -> HFBackend:
         """Wrap a model and processor already in memory, e.g. a 7B architecture with random
-        weights built from its config for speed benchmarks (no checkpoint on disk)."""
-        backend = cls(cls.Params(pretrained=name), loaded=(processor, model.eval()))
+        weights built from its config for speed benchmarks (no checkpoint on disk). `options` are
+        other Params fields that apply to a loaded model: compile, compile_backend, pad_to_multiple."""
+        backend = cls(cls.Params(pretrained=name, **options), loaded=(processor, model.eval()))
         backend.spec = name
         return backend
 
