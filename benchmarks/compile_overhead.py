@@ -12,7 +12,7 @@ compiling the decode step (and any recompilation a defense's new shapes cause), 
 `first_batch_s`; `compile_s` is that minus a steady batch. Then each defense runs round-robin
 `--repeats` times per backend and the median seconds per sample is reported, with the ratio of
 compiled to eager and the greedy outputs' agreement (compiled outputs should equal eager ones).
-Prints a table; writes benchmarks/results/compile_overhead.json (`--json PATH` elsewhere; with
+Prints a table; writes compile_overhead.json under benchmarks/results/ (`--json PATH` elsewhere; with
 --smoke a temporary file, so a smoke run never replaces measured results).
 """
 
