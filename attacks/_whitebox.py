@@ -50,7 +50,7 @@ class WhiteboxParams:
     hd_weight: float = 10.0  # HiddenDetect: weight of relu(S - tau + hd_margin)
     hd_margin: float = 0.0
     eot: int = 8  # JailGuard: mutated copies per step (expectation over transformations), plus the original
-    qg_weight: float = 100.0  # QGuard (guard=self): weight of relu(risk - tau + qg_margin)
+    qg_weight: float = 1000.0  # QGuard (guard=self): weight of relu(risk - tau + qg_margin) (risks differ by ~0.01)
     qg_margin: float = 0.0
     qg_questions: int = 0  # QGuard: guard questions asked per step, in turn, the others held (0: all)
     cache: str | None = None  # where optimisations are cached (default: <run>/whitebox)

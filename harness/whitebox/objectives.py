@@ -275,7 +275,7 @@ class QGuardLoss(Plain):
         yes, no = defense.variants(backend)
         ids = [int(i) for i in backend.token_ids(yes + no)]
         self.yes_ids, self.no_ids = ids[: len(yes)], ids[len(yes) :]
-        self.weight, self.margin = float(settings.get("qg_weight", 100.0)), float(settings.get("qg_margin", 0.0))
+        self.weight, self.margin = float(settings.get("qg_weight", 1000.0)), float(settings.get("qg_margin", 0.0))
         per_step = int(settings.get("qg_questions", 0))
         self.per_step = per_step if 0 < per_step < len(self.flat) else len(self.flat)
         self.steps: dict[int, int] = {}
