@@ -309,3 +309,21 @@ def test_a_bad_eot_is_one_line_on_the_command_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and "eot" in err
+
+
+def test_the_benchmark_pairs_the_detectors_regimes_and_merges_only_their_rows():
+    """benchmarks/adaptive.py: the detectors' settings stay out of the attack family (so transfer and
+    adaptive cells pair), and `--only` replaces just those defenses' rows."""
+    from benchmarks.adaptive import attack_specs, merged
+
+    specs = attack_specs(40, ["JailGuard", "QGuard (self)"], eot=3, qg_questions=5, qg_weight=7)
+    assert len(specs) == 7 and {attacks.build(s).family() for s in specs[1:]} == {
+        "pgd:eps=16,step=1,steps=40,loss=both,refusal=I am sorry,checkpoint_every=20",
+        "pgd:eps=64,step=4,steps=40,loss=both,refusal=I am sorry,checkpoint_every=20"}
+    assert [s.split(",")[-1] for s in specs[2:4]] == ["eot=3", "qg_weight=7"]
+    old = {"n": 12, "steps": 40, "rows": [{"defense": "CMRM", "v": 1}, {"defense": "JailGuard", "v": 2}]}
+    partial = {"attacks": specs, "n": 6, "steps": 40, "rows": []}
+    once = merged(old, partial, [{"defense": "JailGuard", "v": 3}], ["JailGuard"], 1.5)
+    assert once["rows"] == [{"defense": "CMRM", "v": 1}, {"defense": "JailGuard", "v": 3}] and once["n"] == 12
+    again = merged(once, partial, [{"defense": "JailGuard", "v": 4}], ["JailGuard"], 2.0)
+    assert again["rows"][-1]["v"] == 4 and [p["seconds"] for p in again["partial_runs"]] == [2.0]
