@@ -40,7 +40,9 @@ TASKS = {
     "picture": "organism:images=shape,templates=1,kinds=picture",
     "harmful_text": "organism:images=none,templates=1,kinds=harmful",
 }
-SETTINGS = {"limit": 5, "batch_size": 4, "max_new_tokens": 16}
+# The recorded batches: task order, 4 per batch (trace numbers such as CMRM's per-sample vector norms
+# move in the last printed digit when the same samples are padded in other company).
+SETTINGS = {"limit": 5, "batch_size": 4, "max_new_tokens": 16, "order": "task"}
 KEPT = ("output", "prompt", "trace", "tokens", "error")
 
 
@@ -48,7 +50,9 @@ def produce(model: Path, out: Path, defenses: dict[str, str]) -> dict[str, Any]:
     """{defense label: {task label: [record without timings, ...]}} from one normal run."""
     import torch
 
+    from harness.registry import tasks
     from harness.runner import run
+    from harness.samples import load_samples
     from harness.schema import RunConfig
     from harness.store import RunDir
 
@@ -61,9 +65,8 @@ def produce(model: Path, out: Path, defenses: dict[str, str]) -> dict[str, Any]:
     for label, spec in defenses.items():
         for task_label, task_spec in TASKS.items():
             records = rundir.cell(str(model), spec, task_spec).generations()
-            result.setdefault(label, {})[task_label] = [
-                {k: rec[k] for k in KEPT} for rec in records.values()
-            ]
+            order = [s.id for s in load_samples(tasks.build(task_spec), config.limit)]  # the file is in generation order
+            result.setdefault(label, {})[task_label] = [{k: records[i][k] for k in KEPT} for i in order]
     return result
 
 
