@@ -43,6 +43,7 @@ from harness.whitebox.status import status_for
 
 ROOT = Path(__file__).resolve().parents[1]
 ORGANISMS = ("seed0", "seed1")
+GEN2 = ("gen2-seed0", "gen2-seed1")
 MAX_NEW_TOKENS = 24
 SHAPE = "organism:split=calibration_harmful_shape,calibration_safe=organism:split=calibration_benign_shape"
 DEFENSES = {
@@ -122,12 +123,13 @@ def refused(metric: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def measure(n: int, steps: int, out: Path, progress: bool, only: list[str] | None = None,
-            eot: int = EOT, qg_questions: int = QG_QUESTIONS, qg_weight: float = QG_WEIGHT) -> list[dict[str, Any]]:
+            eot: int = EOT, qg_questions: int = QG_QUESTIONS, qg_weight: float = QG_WEIGHT,
+            organisms: tuple[str, ...] = ORGANISMS) -> list[dict[str, Any]]:
     from harness.runner import run
 
     labels = {spec: label for label, spec in DEFENSES.items()}
     rows = []
-    for name in ORGANISMS:
+    for name in organisms:
         config = RunConfig(models=[str(ROOT / "organisms" / name)], defenses=[DEFENSES[k] for k in (only or DEFENSES)],
                            tasks=[f"organism-harmful-shape:n={n}"], judges=[JUDGE],
                            attacks=attack_specs(steps, only, eot, qg_questions, qg_weight), batch_size=max(n, 32),
@@ -152,6 +154,16 @@ def fmt(m: dict[str, Any] | None) -> str:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
+    """One table per generation of organisms present in `rows` (seed 0 / seed 1 in each cell)."""
+    tables = []
+    for pair in (ORGANISMS, GEN2):
+        mine = [r for r in rows if r["organism"] in pair]
+        if mine:
+            tables.append(("" if pair == ORGANISMS else f"{' / '.join(pair)}:\n\n") + _table(mine, pair))
+    return "\n\n".join(tables)
+
+
+def _table(rows: list[dict[str, Any]], organisms: tuple[str, ...]) -> str:
     """One line per (defense, budget), in DEFENSES order: refused under each regime, seed 0 / seed 1."""
     lines = ["| defense | eps | no attack | transfer | adaptive |", "|---|---|---|---|---|"]
     order = list(DEFENSES)
@@ -159,24 +171,27 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                   key=lambda k: (order.index(k[0]) if k[0] in order else len(order), k[1]))
     for defense, eps in keys:
         by_seed = {r["organism"]: r for r in rows if r["defense"] == defense and r["eps"] == eps}
-        cells = [" / ".join(fmt(by_seed[o].get(k)) if o in by_seed else "-" for o in ORGANISMS)
+        cells = [" / ".join(fmt(by_seed[o].get(k)) if o in by_seed else "-" for o in organisms)
                  for k in ("none", "transfer", "adaptive")]
         lines.append(f"| {defense} | {eps}/255 | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def merged(old: dict[str, Any], payload: dict[str, Any], rows: list[dict[str, Any]], only: list[str],
-           seconds: float, provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+           seconds: float, provenance: dict[str, Any] | None = None,
+           organisms: tuple[str, ...] | None = None) -> dict[str, Any]:
     """`old` results with `only`'s rows replaced by `rows`. The full run's settings and provenance
     stay at the top level (every row also carries its own settings), and this partial run, with its
     own provenance (date, commit, machine), replaces any earlier one of the same defenses in
     `partial_runs`."""
     kept = ("n", "steps", "attacks", "seconds", "date", "git", "machine", "versions")
     out = {**payload, **{k: old[k] for k in kept if k in old}}
-    out["rows"] = [r for r in old.get("rows", []) if r["defense"] not in only] + rows
+    replaced = (lambda r: r["defense"] in only and (organisms is None or r.get("organism") in organisms))
+    out["rows"] = [r for r in old.get("rows", []) if not replaced(r)] + rows
     run = {"only": only, "seconds": seconds, "attacks": payload["attacks"], "n": payload["n"], "steps": payload["steps"],
-           **(provenance or {})}
-    out["partial_runs"] = [p for p in old.get("partial_runs", []) if p["only"] != only] + [run]
+           **({"organisms": list(organisms)} if organisms else {}), **(provenance or {})}
+    same = (lambda p: p["only"] == only and p.get("organisms", list(ORGANISMS)) == run.get("organisms", list(ORGANISMS)))
+    out["partial_runs"] = [p for p in old.get("partial_runs", []) if not same(p)] + [run]
     return out
 
 
@@ -193,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--qg-weight", type=float, default=QG_WEIGHT, help="QGuard: weight of its adaptive attack's risk term")
     ap.add_argument("--only", nargs="+", metavar="DEFENSE",
                     help=f"only these defenses ({', '.join(DEFENSES)}), merged into the existing JSON")
+    ap.add_argument("--organisms", default=",".join(ORGANISMS),
+                    help=f"comma list of shipped organisms (default {','.join(ORGANISMS)}; also {','.join(GEN2)})")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "adaptive")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
@@ -202,7 +219,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.eot < 1 or args.qg_questions < 0 or args.qg_weight < 0:
         ap.error("--eot must be at least 1, --qg-questions and --qg-weight at least 0")
     start = time.perf_counter()
-    rows = measure(args.n, args.steps, args.out, not args.quiet, args.only, args.eot, args.qg_questions, args.qg_weight)
+    organisms = tuple(o.strip() for o in args.organisms.split(",") if o.strip())
+    missing = [o for o in organisms if not (ROOT / "organisms" / o).is_dir()]
+    if missing or not organisms:
+        ap.error(f"--organisms: no shipped organism {missing[0] if missing else '(none given)'!r} under organisms/")
+    if organisms != ORGANISMS and not args.only:
+        ap.error("--organisms other than the default needs --only (the rows are merged into the existing JSON)")
+    rows = measure(args.n, args.steps, args.out, not args.quiet, args.only, args.eot, args.qg_questions, args.qg_weight,
+                   organisms)
     seconds = round(time.perf_counter() - start, 1)
     payload: dict[str, Any] = {
         "question": "does a defense's restored refusal survive a white-box attacker who knows it?",
@@ -215,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
         provenance = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git": git_commit(),
                       "machine": machine()}
         payload = merged(json.loads(path.read_text()) if path.is_file() else {}, payload, rows, args.only, seconds,
-                         provenance)
+                         provenance, organisms)
     payload["markdown"] = markdown(payload["rows"])
     path = write_json("adaptive", payload)
     print(payload["markdown"])
