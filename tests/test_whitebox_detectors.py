@@ -327,3 +327,21 @@ def test_the_benchmark_pairs_the_detectors_regimes_and_merges_only_their_rows():
     assert once["rows"] == [{"defense": "CMRM", "v": 1}, {"defense": "JailGuard", "v": 3}] and once["n"] == 12
     again = merged(once, partial, [{"defense": "JailGuard", "v": 4}], ["JailGuard"], 2.0)
     assert again["rows"][-1]["v"] == 4 and [p["seconds"] for p in again["partial_runs"]] == [2.0]
+
+
+def test_the_benchmark_merges_another_generation_beside_the_first_and_skips_transfer_only_adaptives():
+    """`--organisms gen2-...` adds rows of those organisms without dropping generation 1's, and a
+    transfer-only defense (ECSO) gets the transfer attack but no `through=` one."""
+    from benchmarks.adaptive import attack_specs, markdown, merged
+
+    assert not any("through=ecso" in s or "through=coca" in s for s in attack_specs(40, ["ECSO", "CoCA"]))
+    assert any("through=adashield" in s for s in attack_specs(40, ["AdaShield-S"]))
+    cell = {"value": 0.5, "low": 0.2, "high": 0.8, "n": 12}
+    gen1 = [{"defense": "ECSO", "organism": o, "eps": 16, "none": cell, "transfer": cell} for o in ("seed0", "seed1")]
+    gen2 = [{"defense": "ECSO", "organism": o, "eps": 16, "none": cell, "transfer": None} for o in ("gen2-seed0", "gen2-seed1")]
+    partial = {"attacks": [], "n": 12, "steps": 40, "rows": []}
+    out = merged({"rows": gen1}, partial, gen2, ["ECSO"], 1.0, organisms=("gen2-seed0", "gen2-seed1"))
+    assert out["rows"] == gen1 + gen2 and out["partial_runs"][0]["organisms"] == ["gen2-seed0", "gen2-seed1"]
+    text = markdown(out["rows"])
+    assert "| ECSO | 16/255 | 0.50 / 0.50 | 0.50 / 0.50 | - / - |" in text
+    assert "gen2-seed0 / gen2-seed1:" in text and "| ECSO | 16/255 | 0.50 / 0.50 | - / - | - / - |" in text
