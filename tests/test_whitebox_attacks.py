@@ -19,11 +19,9 @@ from harness.images import load_image
 from harness.registry import attacks, defenses
 from harness.spec import SpecError
 from harness.whitebox import store
-from harness.whitebox.handover import WhiteboxContext
-from harness.whitebox.objectives import Plain
 from harness.whitebox.pixels import Pipeline, from_image, to_image
 from harness.whitebox.status import STATUS
-from tests.whitebox_fixtures import install, samples
+from tests.whitebox_fixtures import install, interrupted_then_resumed, run_attack, samples
 
 CMRM = "cmrm:positions=last_prompt+generated,alpha=1"
 
@@ -31,12 +29,6 @@ CMRM = "cmrm:positions=last_prompt+generated,alpha=1"
 @pytest.fixture(scope="module")
 def backend(tiny_backend_for):
     return tiny_backend_for("llava")
-
-
-def run_attack(backend, spec, cache, defense=None, n=2, seed=0):
-    a = attacks.build(spec)
-    a.prepare(backend, defense, WhiteboxContext(cache))
-    return a, a.apply_batch(samples(n), seed)
 
 
 def test_the_budget_and_pixel_range_hold_exactly_after_saving_and_reloading(backend, tmp_path):
@@ -64,20 +56,7 @@ def test_the_budget_and_pixel_range_hold_exactly_after_saving_and_reloading(back
 def test_a_resumed_optimisation_equals_an_uninterrupted_one(backend, tmp_path, monkeypatch, spec):
     defense = install(backend, "shiftdc:positions=last_prompt+generated,layers=half") if "through=" in spec else None
     _, whole = run_attack(backend, spec, tmp_path / "whole", defense)
-    calls = {"n": 0}
-    losses = Plain.losses
-
-    def interrupted(self, x, batch):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return losses(self, x, batch)
-
-    with monkeypatch.context() as m:
-        m.setattr(Plain, "losses", interrupted)
-        with pytest.raises(KeyboardInterrupt):
-            run_attack(backend, spec, tmp_path / "split", defense)
-    _, resumed = run_attack(backend, spec, tmp_path / "split", defense)
+    resumed = interrupted_then_resumed(backend, spec, tmp_path / "split", lambda: defense, 5, monkeypatch)
     for a, b in zip(whole, resumed):
         assert b.meta["attack"]["cache"] == "resumed" and a.meta["attack"]["cache"] == "optimised"
         assert torch.equal(from_image(load_image(a.image)), from_image(load_image(b.image)))

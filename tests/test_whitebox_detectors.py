@@ -17,11 +17,10 @@ from harness.registry import attacks, defenses
 from harness.schema import Sample
 from harness.spec import SpecError
 from harness.whitebox import eot, teacher
-from harness.whitebox.handover import WhiteboxContext
-from harness.whitebox.objectives import Plain, objective_for, placeholder
+from harness.whitebox.objectives import objective_for, placeholder
 from harness.whitebox.pixels import from_image, to_image
 from harness.whitebox.status import status_for
-from tests.whitebox_fixtures import float64_backend, samples
+from tests.whitebox_fixtures import float64_backend, interrupted_then_resumed, run_attack, samples
 
 QGUARD = "qguard:guard=self,threshold=0"  # tau 0: every risk is above it, so the penalty is active
 PIXELS = [(0, 0, 3, 5), (1, 2, 14, 20), (0, 1, 27, 0)]  # (image, channel, row, column); the last in a corner
@@ -236,12 +235,6 @@ def test_the_gradient_reaches_the_pixels_through_the_qguard_term(backend, asked)
 
 
 # ---- the attacks -----------------------------------------------------------------------------------
-def run_attack(backend, spec, cache, defense=None):
-    a = attacks.build(spec)
-    a.prepare(backend, defense, WhiteboxContext(cache))
-    return a, a.apply_batch(samples(2), 0)
-
-
 @pytest.mark.parametrize("through", ["jailguard", QGUARD])
 def test_adaptive_images_through_the_detectors_differ_from_transfer(tiny_backend_for, tmp_path, through):
     backend = tiny_backend_for("llava")
@@ -265,19 +258,7 @@ def test_a_resumed_qguard_optimisation_asking_some_questions_equals_an_uninterru
     backend = tiny_backend_for("llava")
     spec = f"pgd:eps=8,steps=6,checkpoint_every=2,qg_questions=4,through={QGUARD.replace(',', ';')}"
     _, whole = run_attack(backend, spec, tmp_path / "whole", defenses.build(QGUARD))
-    calls, losses = {"n": 0}, Plain.losses
-
-    def interrupted(self, x, batch):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return losses(self, x, batch)
-
-    with monkeypatch.context() as m:
-        m.setattr(Plain, "losses", interrupted)
-        with pytest.raises(KeyboardInterrupt):
-            run_attack(backend, spec, tmp_path / "split", defenses.build(QGUARD))
-    _, resumed = run_attack(backend, spec, tmp_path / "split", defenses.build(QGUARD))
+    resumed = interrupted_then_resumed(backend, spec, tmp_path / "split", lambda: defenses.build(QGUARD), 4, monkeypatch)
     for a, b in zip(whole, resumed):
         assert b.meta["attack"]["cache"] == "resumed" and a.meta["attack"]["final_loss"] == b.meta["attack"]["final_loss"]
         assert torch.equal(from_image(load_image(a.image)), from_image(load_image(b.image)))

@@ -97,3 +97,34 @@ def assert_finite_differences(loss: Any, x: torch.Tensor, grad: torch.Tensor, pi
             down[idx] -= h
             fd = float((loss(up) - loss(down)) / (2 * h))
             assert fd == pytest.approx(float(grad[idx]), rel=1e-4, abs=1e-7), (label, idx)
+
+
+def run_attack(backend: HFBackend, spec: str, cache: Any, defense: Any = None, n: int = 2, seed: int = 0) -> tuple[Any, list[Sample]]:
+    """A white-box attack built from `spec`, prepared on `backend` (through `defense`), applied to `n` samples."""
+    from harness.registry import attacks
+    from harness.whitebox.handover import WhiteboxContext
+
+    a = attacks.build(spec)
+    a.prepare(backend, defense, WhiteboxContext(cache))
+    return a, a.apply_batch(samples(n), seed)
+
+
+def interrupted_then_resumed(backend: HFBackend, spec: str, cache: Any, make_defense: Any, kill_at: int,
+                             monkeypatch: pytest.MonkeyPatch) -> list[Sample]:
+    """Run `spec`, killed (KeyboardInterrupt) at its `kill_at`-th loss evaluation, then run it again
+    into the same cache: the resumed samples. `make_defense()` builds the through-defense (or None)."""
+    from harness.whitebox.objectives import Plain
+
+    calls, losses = {"n": 0}, Plain.losses
+
+    def interrupted(self: Any, x: torch.Tensor, batch: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == kill_at:
+            raise KeyboardInterrupt
+        return losses(self, x, batch)
+
+    with monkeypatch.context() as m:
+        m.setattr(Plain, "losses", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run_attack(backend, spec, cache, make_defense())
+    return run_attack(backend, spec, cache, make_defense())[1]
