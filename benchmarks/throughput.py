@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import CPU_TEXT, bench_tokenizer, write_json  # noqa: E402
+from benchmarks.throughput_contenders import realign_cli  # noqa: E402
 from harness.registry import tasks  # noqa: E402
 from harness.tiny import build_tiny_vlm  # noqa: E402
 
@@ -72,12 +73,6 @@ def contender(name: str, job: dict[str, Any], work: Path) -> dict[str, Any]:
     result = json.loads((work / "result.json").read_text())
     result["process_seconds"] = wall
     return result
-
-
-def realign_cli(model: str, task: str, n: int, batch: int, tokens: int, out: Path) -> list[str]:
-    return ["run", "--model", model, "--defense", "none", "--task", task, "--limit", str(n), "--judge", "keywords",
-            "--batch-size", str(batch), "--max-new-tokens", str(tokens), "--min-new-tokens", str(tokens),
-            "--device", "cpu", "--dtype", "float32", "--out", str(out), "--quiet"]
 
 
 def generations(out: Path) -> dict[str, str]:

@@ -60,9 +60,7 @@ def _realign(job: dict[str, Any]) -> dict[str, Any]:
     from harness.cli import main
 
     out = Path(job["workdir"]) / "run"
-    args = ["run", "--model", job["model"], "--defense", "none", "--task", job["task"], "--limit", str(len(job["samples"])),
-            "--judge", "keywords", "--batch-size", str(job["batch"]), "--max-new-tokens", str(job["tokens"]),
-            "--min-new-tokens", str(job["tokens"]), "--device", "cpu", "--dtype", "float32", "--out", str(out), "--quiet"]
+    args = realign_cli(job["model"], job["task"], len(job["samples"]), job["batch"], job["tokens"], out)
     start = time.perf_counter()
     code = main(args)
     seconds = time.perf_counter() - start
@@ -72,6 +70,13 @@ def _realign(job: dict[str, Any]) -> dict[str, Any]:
     return {"seconds": seconds, "prompt_tokens": sum(g["tokens"]["prompt"] for g in gens),
             "completion_tokens": sum(g["tokens"]["completion"] for g in gens),
             "outputs": {g["sample_id"]: g["output"] for g in gens}}
+
+
+def realign_cli(model: str, task: str, n: int, batch: int, tokens: int, out: Path) -> list[str]:
+    """The `realign run` arguments of the benchmark (also the data-parallel runs of throughput.py)."""
+    return ["run", "--model", model, "--defense", "none", "--task", task, "--limit", str(n), "--judge", "keywords",
+            "--batch-size", str(batch), "--max-new-tokens", str(tokens), "--min-new-tokens", str(tokens),
+            "--device", "cpu", "--dtype", "float32", "--out", str(out), "--quiet"]
 
 
 def _lm_eval(job: dict[str, Any]) -> dict[str, Any]:

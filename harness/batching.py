@@ -19,14 +19,10 @@ in line instead, never concurrently with generation on the same model.
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator, Literal, TypeVar
+from typing import Callable, Iterable, Iterator
 
-from harness.schema import Sample
 from harness.samples import split_loadable
-
-Order = Literal["length", "task"]
-ORDERS: tuple[Order, ...] = ("length", "task")
-T = TypeVar("T")
+from harness.schema import Sample
 
 Prepared = tuple[list[Sample], list[Sample], dict[str, str]]  # (batch, loadable samples, {id: image error})
 
@@ -36,9 +32,9 @@ def length_key(sample: Sample) -> tuple[int, int]:
     return (sample.image is None, -len(sample.text or ""))
 
 
-def ordered(samples: list[Sample], order: Order) -> list[Sample]:
+def ordered(samples: list[Sample], order: str) -> list[Sample]:
     """The samples in generation order (`task`: as the task yields them; `length`: by `length_key`,
-    ties kept in task order)."""
+    ties kept in task order); the names are `harness.schema.ORDERS`."""
     return sorted(samples, key=length_key) if order == "length" else list(samples)
 
 

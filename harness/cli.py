@@ -16,7 +16,7 @@ from harness.quiet import quiet
 from organism import commands as organism_commands
 from harness.registry import REGISTRIES
 from harness.analysis.report import render, report_tables
-from harness.schema import RunConfig
+from harness.schema import ORDERS, RunConfig
 from harness.spec import SpecError, describe_params
 from harness.store import RunDir
 from harness.tables import show
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack", action="extend", nargs="+", default=None,
                    help="attack spec applied to attackable tasks (default: none, the tasks as released)")
     p.add_argument("--out", required=True, help="run directory (resumed if it holds the same configuration)")
-    p.add_argument("--order", choices=("length", "task"), default="length",
+    p.add_argument("--order", choices=ORDERS, default="length",
                    help="generation order of pending samples: longest prompts first in similar-length batches "
                         "(default), or the task's own order; outputs are the same either way")
     _add_generation_options(p)

@@ -164,6 +164,10 @@ def _check_sampling(do_sample: bool, temperature: Any, top_p: Any) -> None:
         raise SpecError(f"--top-p must be in (0, 1], got {top_p:g}")
 
 
+#: Generation orders of a cell's pending samples (harness.batching.ordered).
+ORDERS = ("length", "task")
+
+
 @dataclass
 class RunConfig:
     """Everything that decides what a run generates. Stored in run.json and compared on resume.
@@ -207,8 +211,8 @@ class RunConfig:
         check_dtype(self.dtype)
         if self.device is not None and (not isinstance(self.device, str) or not self.device.strip()):
             raise SpecError(f"--device must name a device (cpu, cuda, cuda:N, mps), got {self.device!r}")
-        if self.order not in ("length", "task"):
-            raise SpecError(f"--order must be length or task, got {self.order!r}")
+        if self.order not in ORDERS:
+            raise SpecError(f"--order must be {' or '.join(ORDERS)}, got {self.order!r}")
         if not self.attacks:
             raise SpecError("--attack needs at least one attack spec (none: the tasks as released)")
 
